@@ -1,0 +1,133 @@
+"""The manifest: the contract between ingest and everything after it.
+
+``OUT/manifest.json`` is written last, atomically (temporary name, then
+rename), so its presence means every shard it lists was complete when it was
+written. Readers load it with :func:`load_manifest` and can check shards
+against their recorded sizes and sha256 with :meth:`Manifest.verify`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pneumo_data.shards import file_sha256
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "pneumo-manifest"
+FORMAT_VERSION = 1
+
+
+class ManifestError(ValueError):
+    """A data_dir without a usable manifest, or a split/class it does not have."""
+
+
+class ShardIntegrityError(ValueError):
+    """A shard is missing, truncated or fails its checksum."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """A loaded manifest; ``data`` is the parsed JSON."""
+
+    data_dir: Path
+    data: dict[str, Any]
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.data["classes"])
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.data["shards"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.data["image"]["size"])
+
+    @property
+    def encoding(self) -> str:
+        return self.data["image"]["encoding"]
+
+    def require_split(self, split: str) -> None:
+        if split not in self.data["shards"]:
+            raise ManifestError(
+                f"{self.data_dir}: no split {split!r} in the manifest "
+                f"(it has {', '.join(self.splits) or 'none'})")
+
+    def shard_entries(self, split: str, label: str) -> list[dict[str, Any]]:
+        self.require_split(split)
+        by_class = self.data["shards"][split]
+        if label not in by_class:
+            raise ManifestError(f"{self.data_dir}: split {split!r} has no class {label!r}")
+        return list(by_class[label])
+
+    def shard_paths(self, split: str, label: str) -> list[str]:
+        return [str(self.data_dir / e["file"]) for e in self.shard_entries(split, label)]
+
+    def count(self, split: str, label: str | None = None) -> int:
+        self.require_split(split)
+        counts = self.data["counts"][split]
+        if label is None:
+            return int(sum(counts.values()))
+        return int(counts.get(label, 0))
+
+    def verify(self, splits: tuple[str, ...] | None = None, checksums: bool = True) -> None:
+        """Raises ShardIntegrityError naming the first bad shard.
+
+        Checks that every shard of ``splits`` (default: all) exists with its
+        recorded size and, with ``checksums``, its recorded sha256.
+        """
+        for split in splits or self.splits:
+            for label in self.data["shards"][split]:
+                for entry in self.shard_entries(split, label):
+                    verify_shard(self.data_dir / entry["file"], entry, checksums)
+
+
+def verify_shard(path: Path, entry: dict[str, Any], checksum: bool = True) -> None:
+    if not path.exists():
+        raise ShardIntegrityError(f"shard {path} listed in the manifest is missing")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise ShardIntegrityError(
+            f"shard {path} has {size} bytes, the manifest says {entry['bytes']} "
+            f"(truncated or modified)")
+    if checksum and file_sha256(path) != entry["sha256"]:
+        raise ShardIntegrityError(f"shard {path} fails its sha256 checksum (corrupted or modified)")
+
+
+def load_manifest(data_dir: str | os.PathLike) -> Manifest:
+    data_dir = Path(data_dir)
+    path = data_dir / MANIFEST_NAME
+    if not data_dir.is_dir():
+        raise ManifestError(f"data_dir {data_dir} does not exist")
+    if not path.exists():
+        raise ManifestError(
+            f"{data_dir} has no {MANIFEST_NAME}: it is not a prepared dataset (or its "
+            f"preparation did not finish). Run: python -m pneumo_data.prepare "
+            f"--source_dir=<images> --output_dir={data_dir}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ManifestError(f"{path} is not valid JSON: {error}") from None
+    if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
+        raise ManifestError(
+            f"{path} is not a {FORMAT} v{FORMAT_VERSION} manifest "
+            f"(format={data.get('format')!r}, version={data.get('format_version')!r})")
+    return Manifest(data_dir=data_dir, data=data)
+
+
+def write_manifest(data_dir: Path, data: dict[str, Any]) -> Path:
+    """Writes the manifest atomically (temporary file, fsync, rename)."""
+    path = Path(data_dir) / MANIFEST_NAME
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w") as handle:
+        json.dump(data, handle, indent=1, sort_keys=False)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+    return path

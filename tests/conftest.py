@@ -1,0 +1,66 @@
+"""Shared fixtures: small generated image folders, and the real data when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def write_image(path: Path, value: int = 128, size=(40, 32), mode="L", fmt=None, seed=0):
+    """A small random-ish image around ``value``; returns its path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(rng.normal(value, 20, size[::-1]), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "L")
+    if mode != "L":
+        image = image.convert(mode)
+    image.save(path, fmt)
+    return path
+
+
+def make_kaggle_tree(root: Path, layout: dict[str, dict[str, list[str]]], seed=0) -> Path:
+    """Writes ``{split: {CLASS: [file names]}}`` as distinct small JPEG/PNG images."""
+    k = seed
+    for split, classes in layout.items():
+        for cls, names in classes.items():
+            for name in names:
+                k += 1
+                value = 70 if cls.lower() == "normal" else 180
+                write_image(root / split / cls / name, value=value, seed=k)
+    return root
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real chest X-rays not present at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def synthetic_source(tmp_path_factory) -> Path:
+    """A small generated dataset in the Kaggle layout (same generator as the default)."""
+    from pneumo_data.synthetic import generate_dataset
+    counts = {("train", "normal"): 40, ("train", "pneumonia"): 90,
+              ("val", "normal"): 4, ("val", "pneumonia"): 4,
+              ("test", "normal"): 16, ("test", "pneumonia"): 24}
+    return generate_dataset(tmp_path_factory.mktemp("synthetic"), seed=3, counts=counts,
+                            size_range=(96, 128))
+
+
+@pytest.fixture(scope="session")
+def prepared(synthetic_source, tmp_path_factory) -> Path:
+    """``synthetic_source`` prepared at 64 px: a small data_dir for pipeline tests."""
+    from pneumo_data.prepare import PrepareConfig, prepare
+    out = tmp_path_factory.mktemp("prepared")
+    prepare(PrepareConfig(source_dir=str(synthetic_source), output_dir=str(out),
+                          image_size=64, progress=False))
+    return out

@@ -1,0 +1,212 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pneumo_data import manifest, shards
+from pneumo_data.prepare import PrepareConfig, PrepareError, prepare
+from pneumo_data.split import LeakageError
+from tests.conftest import make_kaggle_tree, write_image
+
+
+def run(src, out, **kw):
+    kw.setdefault("image_size", 32)
+    kw.setdefault("progress", False)
+    return prepare(PrepareConfig(source_dir=str(src), output_dir=str(out), **kw))
+
+
+def records(data_dir, split, label):
+    m = manifest.load_manifest(data_dir)
+    rows = []
+    for path in m.shard_paths(split, label):
+        for raw in tf.data.TFRecordDataset(path):
+            rows.append({k: v.numpy() for k, v in
+                         shards.parse_example(raw, m.encoding, m.image_size).items()})
+    return rows
+
+
+def kaggle_source(tmp_path):
+    names_n = [f"IM-{p:04d}-000{k}.jpeg" for p in range(1, 21) for k in (1, 2)]
+    names_p = [f"person{p}_{'virus' if p % 3 else 'bacteria'}_{p * 10 + k}.jpeg"
+               for p in range(1, 41) for k in (1, 2)]
+    return make_kaggle_tree(tmp_path / "src", {
+        "train": {"NORMAL": names_n[:30], "PNEUMONIA": names_p[:60]},
+        "val": {"NORMAL": names_n[30:32], "PNEUMONIA": names_p[60:62]},
+        "test": {"NORMAL": names_n[32:], "PNEUMONIA": names_p[62:]},
+    })
+
+
+def test_every_file_accounted_and_splits_patient_disjoint(tmp_path):
+    src = kaggle_source(tmp_path)
+    whole = (src / "train" / "NORMAL" / "IM-0001-0001.jpeg").read_bytes()
+    (src / "train" / "NORMAL" / "broken.jpeg").write_bytes(whole[: len(whole) // 2])
+    (src / "train" / "NORMAL" / "empty.png").write_bytes(b"")
+    (src / "train" / "PNEUMONIA" / "notes.txt").write_text("not an image")
+    m = run(src, tmp_path / "out")
+    rows = {r["path"]: r for r in m.data["files"]}
+    on_disk = {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()}
+    assert set(rows) == on_disk
+    assert rows["train/NORMAL/empty.png"]["reason"].startswith("empty file")
+    assert rows["train/PNEUMONIA/notes.txt"]["reason"].startswith("not an image")
+    assert rows["train/NORMAL/broken.jpeg"]["status"] == "skipped"
+    written = [r for r in rows.values() if r["status"] == "written"]
+    assert len(written) == len(on_disk) - 3
+    # Official test untouched; train+val re-split.
+    assert all(r["split"] == "test" for r in written if r["official_split"] == "test")
+    assert {r["split"] for r in written if r["official_split"] != "test"} == {"train", "val"}
+    split_of = {}
+    for r in written:
+        assert split_of.setdefault(r["patient_id"], r["split"]) == r["split"]
+    for split_name, by_class in m.data["counts"].items():
+        for label, n in by_class.items():
+            got = records(m.data_dir, split_name, label)
+            assert len(got) == n == sum(e["records"] for e in m.shard_entries(split_name, label))
+            assert {g["label"] for g in got} <= {0 if label == "normal" else 1}
+    assert m.data["skipped"] == {"empty file (0 bytes)": 1, "not an image (unrecognised format)": 1,
+                                 "corrupt or truncated image": 1}
+
+
+def test_records_carry_metadata_and_pixels(tmp_path):
+    src = tmp_path / "src"
+    write_image(src / "NORMAL" / "IM-0001-0001.png", value=10, size=(32, 32))
+    write_image(src / "PNEUMONIA" / "person1_virus_1.png", value=240, size=(32, 32))
+    m = run(src, tmp_path / "out", val_fraction=0.0, test_fraction=0.0)
+    (rec,) = records(m.data_dir, "train", "pneumonia")
+    assert rec["patient_id"] == b"person1_virus" and rec["subtype"] == b"viral"
+    assert rec["source_path"] == b"PNEUMONIA/person1_virus_1.png"
+    source_bytes = (src / "PNEUMONIA" / "person1_virus_1.png").read_bytes()
+    assert rec["source_sha256"].decode() == shards.hashlib.sha256(source_bytes).hexdigest()
+    from PIL import Image
+    expected = np.asarray(Image.open(src / "PNEUMONIA" / "person1_virus_1.png"))
+    np.testing.assert_array_equal(rec["image"][..., 0], expected)
+
+
+def test_duplicates_are_grouped_and_reported(tmp_path):
+    src = kaggle_source(tmp_path)
+    a = src / "train" / "NORMAL" / "IM-0001-0001.jpeg"
+    (src / "train" / "NORMAL" / "NORMAL2-IM-0500-0001.jpeg").write_bytes(a.read_bytes())
+    (src / "train" / "PNEUMONIA" / "person99_virus_1.jpeg").write_bytes(
+        (src / "train" / "NORMAL" / "IM-0002-0001.jpeg").read_bytes())
+    m = run(src, tmp_path / "out")
+    dup = m.data["duplicates"]
+    assert ["train/NORMAL/IM-0001-0001.jpeg", "train/NORMAL/NORMAL2-IM-0500-0001.jpeg"] in dup[
+        "within_split"]
+    assert len(dup["across_classes"]) == 1
+    rows = {r["path"]: r for r in m.data["files"]}
+    assert rows["train/PNEUMONIA/person99_virus_1.jpeg"]["reason"].startswith("label conflict")
+    # The two copies under different patient ids share a split.
+    assert (rows["train/NORMAL/IM-0001-0001.jpeg"]["split"]
+            == rows["train/NORMAL/NORMAL2-IM-0500-0001.jpeg"]["split"])
+
+
+def test_leakage_into_official_test_is_refused(tmp_path):
+    src = kaggle_source(tmp_path)
+    t = next((src / "test" / "NORMAL").iterdir())
+    (src / "train" / "NORMAL" / "IM-0999-0001.jpeg").write_bytes(t.read_bytes())
+    with pytest.raises(LeakageError, match="content hash"):
+        run(src, tmp_path / "out")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    m = run(src, tmp_path / "out2", allow_leakage=True)
+    assert m.data["leakage_allowed"] and m.data["duplicates"]["across_splits"]
+    # Re-splitting everything groups the copies together instead.
+    m = run(src, tmp_path / "out3", resplit="all")
+    assert not m.data["duplicates"]["across_splits"]
+    assert set(m.splits) == {"train", "val", "test"}
+
+
+def test_one_class_only_is_a_clear_error(tmp_path):
+    write_image(tmp_path / "src" / "NORMAL" / "a.png")
+    (tmp_path / "src" / "PNEUMONIA").mkdir()
+    with pytest.raises(PrepareError, match="only class"):
+        run(tmp_path / "src", tmp_path / "out")
+
+
+def test_rerun_is_noop_and_other_options_need_overwrite(tmp_path):
+    src = kaggle_source(tmp_path)
+    m1 = run(src, tmp_path / "out")
+    stamp = (tmp_path / "out" / "manifest.json").stat().st_mtime_ns
+    m2 = run(src, tmp_path / "out")
+    assert (tmp_path / "out" / "manifest.json").stat().st_mtime_ns == stamp
+    assert m2.data == m1.data
+    with pytest.raises(PrepareError, match="--overwrite"):
+        run(src, tmp_path / "out", image_size=16)
+    m3 = run(src, tmp_path / "out", image_size=16, overwrite=True)
+    assert m3.image_size == 16
+    m3.verify()
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert names == {"manifest.json"} | {e["file"] for s in m3.splits for c in m3.classes
+                                         for e in m3.shard_entries(s, c)}
+
+
+def test_corrupted_or_truncated_shard_is_detected(tmp_path):
+    m = run(kaggle_source(tmp_path), tmp_path / "out")
+    m.verify()
+    shard = Path(m.shard_paths("train", "pneumonia")[0])
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(manifest.ShardIntegrityError, match="sha256"):
+        m.verify()
+    shard.write_bytes(bytes(data[:-10]))
+    with pytest.raises(manifest.ShardIntegrityError, match="truncated"):
+        m.verify(checksums=False)
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path):
+    with pytest.raises(manifest.ManifestError, match="no manifest.json"):
+        manifest.load_manifest(tmp_path)
+
+
+def test_killed_run_leaves_no_manifest_and_rerun_recovers(tmp_path):
+    src = kaggle_source(tmp_path)
+    out = tmp_path / "out"
+    # A child that is killed in the middle of writing shards.
+    code = (
+        "import sys, os, signal\n"
+        "from pneumo_data import shards\n"
+        "original = shards.ShardWriter.close\n"
+        "def close(self):\n"
+        "    entry = original(self)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "shards.ShardWriter.close = close\n"
+        "from pneumo_data.prepare import PrepareConfig, prepare\n"
+        f"prepare(PrepareConfig(source_dir={str(src)!r}, output_dir={str(out)!r}, "
+        "image_size=32, progress=False))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          cwd=Path(__file__).parents[1])
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert not (out / "manifest.json").exists()
+    assert list(out.glob("*.tfrecord"))  # something half-done was left
+    with pytest.raises(manifest.ManifestError):
+        manifest.load_manifest(out)
+    m = run(src, out)
+    m.verify()
+    assert not list(out.glob("*.partial"))
+
+
+def test_embedded_default_dataset_prepares(tmp_path, monkeypatch):
+    monkeypatch.setenv("PNEUMO_CACHE", str(tmp_path / "cache"))
+    from pneumo_data import synthetic
+    monkeypatch.setattr(synthetic, "DEFAULT_COUNTS", {
+        ("train", "normal"): 6, ("train", "pneumonia"): 10,
+        ("test", "normal"): 3, ("test", "pneumonia"): 3})
+    m = prepare(PrepareConfig(output_dir=str(tmp_path / "out"), image_size=32, progress=False))
+    assert m.count("test") == 6 and m.count("train") + m.count("val") == 16
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["source"]["dir"].startswith(
+        str(tmp_path / "cache"))
+
+
+def test_cli_reports_errors_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pneumo_data.prepare",
+                           f"--source_dir={tmp_path}", f"--output_dir={tmp_path / 'o'}",
+                           "--noprogress"], capture_output=True, text=True,
+                          cwd=Path(__file__).parents[1], env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode != 0
+    assert "prepare: error:" in proc.stderr and "unknown layout" in proc.stderr
+    assert "Traceback" not in proc.stderr
