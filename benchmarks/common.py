@@ -1,0 +1,99 @@
+"""Shared benchmark plumbing: environment facts, repeated timing, JSON + Markdown output."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, Any]:
+    """Device, versions, CPU and GPU facts recorded with every result."""
+    import tensorflow as tf
+    import keras
+    gpus = tf.config.list_physical_devices("GPU")
+    gpu_names = []
+    for gpu in gpus:
+        details = tf.config.experimental.get_device_details(gpu)
+        gpu_names.append(details.get("device_name", gpu.name))
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "device": "GPU" if gpus else "CPU",
+        "gpus": gpu_names,
+    }
+
+
+def gpu_memory() -> dict[str, int] | None:
+    """Peak memory of the first GPU in bytes, or None on a CPU."""
+    import tensorflow as tf
+    if not tf.config.list_physical_devices("GPU"):
+        return None
+    return tf.config.experimental.get_memory_info("GPU:0")
+
+
+def repeat_timing(run: Callable[[], int], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Runs ``run`` (which returns a count of items) warmup + repeats times.
+
+    Returns items/s as median, min and max over the timed repeats.
+    """
+    for _ in range(warmup):
+        run()
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        items = run()
+        rates.append(items / (time.perf_counter() - start))
+    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates),
+            "repeats": repeats}
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    def fmt(value):
+        if isinstance(value, float):
+            return f"{value:,.2f}" if abs(value) < 10 else f"{value:,.0f}"
+        return str(value)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, output_dir: str | None, payload: dict[str, Any],
+                  table: str) -> Path:
+    """Writes ``<name>.json`` and ``<name>.md`` (atomically) and prints the table."""
+    out = Path(output_dir) if output_dir else RESULTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    env = payload.get("environment", {})
+    header = (f"`{name}` on {env.get('device', '?')} ({env.get('cpu', '?')}, "
+              f"{env.get('cores', '?')} cores{', ' + ', '.join(env['gpus']) if env.get('gpus') else ''}), "
+              f"TF {env.get('tensorflow', '?')}, Keras {env.get('keras', '?')}, {env.get('date', '?')}")
+    for suffix, text in ((".json", json.dumps(payload, indent=1) + "\n"),
+                         (".md", header + "\n\n" + table + "\n")):
+        path = out / f"{name}{suffix}"
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    print(header + "\n\n" + table, flush=True)
+    return out / f"{name}.json"

@@ -1,0 +1,62 @@
+r"""Stored-encoding choice: size, encode speed and tf.data decode speed per encoding.
+
+    python -m benchmarks.encoding --source_dir=../shared/data/chest_xray_224
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from absl import app, flags
+
+from benchmarks import common
+from pneumo_data import decode, shards, sources
+
+flags.DEFINE_string("source_dir", None, "Image folder (default: the embedded dataset).")
+flags.DEFINE_integer("images", 400, "How many images to sample.")
+flags.DEFINE_integer("image_size", 256, "Stored size.")
+flags.DEFINE_string("output_dir", None, "Where to write results (default benchmarks/results).")
+FLAGS = flags.FLAGS
+
+
+def main(_):
+    import tensorflow as tf
+    from pneumo_data import synthetic
+    source_dir = FLAGS.source_dir or str(synthetic.default_dataset_dir())
+    found = [f for f in sources.find_sources(source_dir) if not f.hidden]
+    step = max(1, len(found) // FLAGS.images)
+    size = FLAGS.image_size
+    arrays = [decode.decode_to_gray(f.path.read_bytes(), size) for f in found[::step]]
+    arrays = arrays[: FLAGS.images]
+    rows, results = [], {}
+    for encoding in shards.ENCODINGS:
+        start = time.perf_counter()
+        blobs = [shards.encode_image(a, encoding) for a in arrays]
+        encode_rate = len(blobs) / (time.perf_counter() - start)
+
+        def parse(blob, encoding=encoding):
+            if encoding == "raw":
+                return tf.reshape(tf.io.decode_raw(blob, tf.uint8), [size, size, 1])
+            if encoding == "jpeg":
+                return tf.io.decode_jpeg(blob, channels=1)
+            return tf.io.decode_png(blob, channels=1)
+
+        ds = tf.data.Dataset.from_tensor_slices(blobs).repeat(5).map(parse, num_parallel_calls=2)
+        timing = common.repeat_timing(lambda: sum(1 for _ in ds), repeats=3)
+        error = float(np.mean([np.abs(parse(b).numpy()[..., 0].astype(int) - a).mean()
+                               for a, b in zip(arrays, blobs)]))
+        kib = float(np.mean([len(b) for b in blobs]) / 1024)
+        results[encoding] = {"mean_kib": kib, "encode_img_s": encode_rate,
+                             "decode_img_s": timing, "mean_abs_error": error}
+        rows.append([encoding, kib, encode_rate, timing["median"], error])
+    table = common.markdown_table(
+        ["encoding", "KiB / image", "encode img/s", "tf.data decode img/s (median)",
+         "mean abs error (grey levels)"], rows)
+    common.write_results("encoding", FLAGS.output_dir, {
+        "environment": common.environment(), "source_dir": source_dir,
+        "images": len(arrays), "image_size": size, "results": results}, table)
+
+
+if __name__ == "__main__":
+    app.run(main)
