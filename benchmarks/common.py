@@ -97,3 +97,27 @@ def write_results(name: str, output_dir: str | None, payload: dict[str, Any],
         os.replace(tmp, path)
     print(header + "\n\n" + table, flush=True)
     return out / f"{name}.json"
+
+
+def bar_chart(path: Path, values: dict[str, float], unit: str, title: str) -> Path:
+    """Horizontal bar chart PNG of ``values`` (label -> number), written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = list(values)
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(labels) + 1.5))
+    bars = ax.barh(range(len(labels)), [values[k] for k in labels], color="#4477aa")
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel(unit + " (log scale)")
+    ax.set_title(title, fontsize=10)
+    for bar, label in zip(bars, labels):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {values[label]:,.0f}",
+                va="center", fontsize=8)
+    fig.tight_layout()
+    partial = Path(path).with_name(Path(path).name + ".partial.png")
+    fig.savefig(partial, dpi=100)
+    plt.close(fig)
+    os.replace(partial, path)
+    return Path(path)

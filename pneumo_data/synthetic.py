@@ -35,7 +35,7 @@ DEFAULT_COUNTS = {
     ("test", "normal"): 70, ("test", "pneumonia"): 110,
 }
 PLANTED_BOX = (0.62, 0.30, 0.80, 0.48)  # x0, y0, x1, y1 as fractions
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 
 def _gaussian(xx, yy, cx, cy, sx, sy):
@@ -78,13 +78,13 @@ def render(rng: np.random.Generator, subtype: str, width: int, height: int,
     if subtype == "bacterial":
         lx, ly = centres[rng.integers(2)]
         ox, oy = lx + rng.normal(0, 0.04), ly + rng.uniform(-0.05, 0.2)
-        image += rng.uniform(55, 85) * _gaussian(xx, yy, ox, oy, rng.uniform(0.05, 0.08),
-                                                 rng.uniform(0.07, 0.12)) * lungs
+        image += rng.uniform(90, 130) * _gaussian(xx, yy, ox, oy, rng.uniform(0.06, 0.09),
+                                                  rng.uniform(0.08, 0.13)) * lungs
     elif subtype == "viral":
-        for _ in range(rng.integers(5, 9)):
+        for _ in range(rng.integers(6, 11)):
             lx, ly = centres[rng.integers(2)]
             ox, oy = lx + rng.normal(0, 0.06), ly + rng.normal(0, 0.12)
-            image += rng.uniform(30, 45) * _gaussian(xx, yy, ox, oy, 0.035, 0.045) * lungs
+            image += rng.uniform(50, 75) * _gaussian(xx, yy, ox, oy, 0.04, 0.05) * lungs
     elif subtype != "none":
         raise ValueError(f"subtype must be none, bacterial or viral, got {subtype!r}")
     if planted_region and subtype != "none":

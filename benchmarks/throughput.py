@@ -1,0 +1,231 @@
+r"""Input throughput: the old recipe against this library, same images, same process.
+
+    python -m benchmarks.throughput                       # embedded default data
+    python -m benchmarks.throughput --source_dir=../shared/data/chest_xray_fullres --plot
+
+Rows (150x150, batch 32 by default; warm-up excluded, median of --repeats):
+
+1. old recipe: tf_keras ``ImageDataGenerator.flow_from_directory`` with its
+   augmentation (rotation 15, shifts 0.1, shear 0.1, zoom 0.1, flip, nearest)
+2. ``keras.utils.image_dataset_from_directory`` + five keras-cv layers in tf.data
+3. pneumo, ``augment='host'`` (the fused warp in tf.data)
+4. pneumo, ``augment='device'``: the stream that leaves the host
+5. pneumo, ``augment='device'`` + the augmentation layer run where the model runs
+6. ceiling: one in-memory batch repeated
+
+A second table times the augmentation alone on one in-memory batch: the fused
+warp against the chain of five keras-cv layers.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+from benchmarks import common
+
+flags.DEFINE_string("source_dir", None, "Image folder (default: the embedded dataset).")
+flags.DEFINE_integer("image_size", 150, "Model input size.")
+flags.DEFINE_integer("batch_size", 32, "Batch size.")
+flags.DEFINE_integer("repeats", 3, "Timed repeats per row.")
+flags.DEFINE_float("seconds", 3.0, "Minimum seconds per timed repeat.")
+flags.DEFINE_bool("plot", False, "Also write a bar chart PNG.")
+flags.DEFINE_string("output_dir", None, "Results folder (default benchmarks/results).")
+flags.DEFINE_string("name", None, "Result file name (default from the source folder).")
+FLAGS = flags.FLAGS
+
+OLD_AUGMENTATION = dict(rotation_range=15, width_shift_range=0.1, height_shift_range=0.1,
+                        shear_range=0.1, zoom_range=0.1, horizontal_flip=True,
+                        fill_mode="nearest")
+
+
+def measure(iterator_factory, seconds: float, repeats: int, batch_size: int,
+            warmup_batches: int) -> dict:
+    """images/s of an iterator of batches: warm-up, then ``repeats`` windows."""
+    iterator = iterator_factory()
+    for _ in range(warmup_batches):
+        next(iterator)
+    rates = []
+    for _ in range(repeats):
+        start, images = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            batch = next(iterator)
+            images += len(batch[0]) if isinstance(batch, tuple) else len(batch)
+        rates.append(images / (time.perf_counter() - start))
+    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates),
+            "repeats": repeats}
+
+
+def class_root(source_dir: str) -> str:
+    """The folder whose children are NORMAL/PNEUMONIA (train split if there is one)."""
+    from pneumo_data import sources
+    layout = sources.detect_layout(Path(source_dir))
+    folders = layout.get("train") or layout.get(None) or next(iter(layout.values()))
+    return str(next(iter(folders.values())).parent)
+
+
+def old_recipe(root: str, size: int, batch: int):
+    from tf_keras.preprocessing.image import ImageDataGenerator
+    gen = ImageDataGenerator(rescale=1 / 255.0, **OLD_AUGMENTATION)
+    return lambda: iter(gen.flow_from_directory(root, target_size=(size, size), batch_size=batch,
+                                                class_mode="binary", shuffle=True))
+
+
+def five_keras_cv_layers():
+    import keras_cv
+    return [
+        keras_cv.layers.RandomRotation(15 / 360, fill_mode="nearest"),
+        keras_cv.layers.RandomTranslation(0.1, 0.1, fill_mode="nearest"),
+        keras_cv.layers.RandomShear(x_factor=0.1, y_factor=0.1, fill_mode="nearest"),
+        keras_cv.layers.RandomZoom(0.1, 0.1, fill_mode="nearest"),
+        keras_cv.layers.RandomFlip("horizontal"),
+    ]
+
+
+def keras_directory_recipe(root: str, size: int, batch: int):
+    import keras
+    import tensorflow as tf
+    layers = five_keras_cv_layers()
+
+    def augment(images, labels):
+        for layer in layers:
+            images = layer(images)
+        return images, labels
+
+    def factory():
+        ds = keras.utils.image_dataset_from_directory(root, image_size=(size, size),
+                                                      batch_size=batch, label_mode="binary",
+                                                      shuffle=True, verbose=False)
+        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE).repeat()
+        return iter(ds.prefetch(tf.data.AUTOTUNE))
+    return factory
+
+
+def pneumo_stream(data_dir: str, size: int, batch: int, augment: str, on_device: bool = False):
+    import tensorflow as tf
+    import pneumo_data
+    from pneumo_data.augment import RandomAffine
+    layer = RandomAffine()
+
+    @tf.function
+    def device_step(images):
+        return layer(images, training=True)
+
+    def factory():
+        ds = pneumo_data.train_dataset(data_dir, batch_size=batch, image_size=size,
+                                       augment=augment)
+        iterator = iter(ds)
+        if not on_device:
+            return iterator
+        return ((device_step(x), y) for x, y in iterator)
+    return factory
+
+
+def ceiling(data_dir: str, size: int, batch: int):
+    import tensorflow as tf
+    import pneumo_data
+    first = next(iter(pneumo_data.train_dataset(data_dir, batch_size=batch, image_size=size,
+                                                augment="none")))
+    return lambda: iter(tf.data.Dataset.from_tensors(first).repeat().prefetch(tf.data.AUTOTUNE))
+
+
+def augmentation_alone(size: int, batch: int, seconds: float, repeats: int) -> dict:
+    import numpy as np
+    import tensorflow as tf
+    from pneumo_data.augment import RandomAffine
+    images = tf.constant(np.random.default_rng(0).uniform(0, 255, (batch, size, size, 1)),
+                         tf.float32)
+    fused = RandomAffine()
+    chain = five_keras_cv_layers()
+
+    @tf.function
+    def run_fused():
+        return fused(images, training=True)
+
+    @tf.function
+    def run_chain():
+        out = images
+        for layer in chain:
+            out = layer(out)
+        return out
+
+    result = {}
+    for name, fn in (("fused affine warp (pneumo RandomAffine)", run_fused),
+                     ("five keras-cv layers", run_chain)):
+        def gen(fn=fn):
+            while True:
+                yield (fn().numpy(),)
+        result[name] = measure(gen, seconds, repeats, batch, warmup_batches=3)
+    return result
+
+
+def main(argv):
+    del argv
+    import tensorflow as tf  # noqa: F401
+    from pneumo_data import synthetic
+    from pneumo_data.prepare import PrepareConfig, prepare
+    source_dir = FLAGS.source_dir or str(synthetic.default_dataset_dir())
+    size, batch = FLAGS.image_size, FLAGS.batch_size
+    root = class_root(source_dir)
+    work = tempfile.mkdtemp(prefix="pneumo-bench-throughput-")
+    try:
+        start = time.perf_counter()
+        m = prepare(PrepareConfig(source_dir=root, output_dir=work, progress=False,
+                                  val_fraction=0.0, test_fraction=0.0, resplit="all"))
+        prepare_seconds = time.perf_counter() - start
+        train_images = m.count("train")
+        cache_fill = max(2, train_images // batch + 2)  # warm-up covers the first (caching) epoch
+        rows = [
+            ("old recipe: ImageDataGenerator.flow_from_directory + augmentation",
+             old_recipe(root, size, batch), 2),
+            ("image_dataset_from_directory + 5 keras-cv layers",
+             keras_directory_recipe(root, size, batch), 3),
+            ("pneumo augment='host'", pneumo_stream(work, size, batch, "host"), cache_fill),
+            ("pneumo augment='device': stream leaving the host",
+             pneumo_stream(work, size, batch, "device"), cache_fill),
+            ("pneumo augment='device' + augmentation where the model runs",
+             pneumo_stream(work, size, batch, "device", on_device=True), cache_fill),
+            ("ceiling: one in-memory batch repeated", ceiling(work, size, batch), 3),
+        ]
+        results = {}
+        for name, factory, warmup in rows:
+            results[name] = measure(factory, FLAGS.seconds, FLAGS.repeats, batch, warmup)
+            print(f"{name}: {results[name]['median']:,.0f} img/s", flush=True)
+        aug = augmentation_alone(size, batch, FLAGS.seconds, FLAGS.repeats)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    base = results[rows[0][0]]["median"]
+    top = results[rows[-1][0]]["median"]
+    table_rows = [[name, r["median"], f"{r['min']:,.0f}-{r['max']:,.0f}",
+                   f"{r['median'] / base:.1f}x", f"{r['median'] / top:.1%}"]
+                  for name, r in results.items()]
+    table = common.markdown_table(
+        ["input pipeline", "img/s (median)", "range", "vs old recipe", "of ceiling"], table_rows)
+    fused, chain = aug.values()
+    table += "\n\n" + common.markdown_table(
+        ["augmentation alone (one in-memory batch)", "img/s (median)", "range"],
+        [[name, r["median"], f"{r['min']:,.0f}-{r['max']:,.0f}"] for name, r in aug.items()])
+    table += (f"\n\nFused warp vs five-layer chain: {fused['median'] / chain['median']:.1f}x. "
+              f"Images: {train_images} from {source_dir} ({size}x{size}, batch {batch}); "
+              f"prepare took {prepare_seconds:.1f}s (not in the rates).")
+    name = FLAGS.name or f"throughput-{Path(source_dir).name}"
+    payload = {"environment": common.environment(), "gpu_memory": common.gpu_memory(),
+               "source_dir": source_dir, "images": train_images, "image_size": size,
+               "batch_size": batch, "seconds_per_repeat": FLAGS.seconds,
+               "prepare_seconds": prepare_seconds, "results": results,
+               "augmentation_alone": aug,
+               "fused_over_chain": fused["median"] / chain["median"]}
+    path = common.write_results(name, FLAGS.output_dir, payload, table)
+    if FLAGS.plot:
+        common.bar_chart(path.with_suffix(".png"), {k: v["median"] for k, v in results.items()},
+                         "images/s", f"Input throughput, {size}x{size}, batch {batch}")
+
+
+if __name__ == "__main__":
+    app.run(main)

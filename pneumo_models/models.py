@@ -1,0 +1,187 @@
+"""The three models, each taking the pipeline's uint8 [H, W, 1] batches directly.
+
+Inside every model: the fused augmentation (training only, when it runs on the
+device), the preprocessing its network expects, the network, and a float32
+sigmoid output, so a saved model is self-contained and serves raw images.
+
+* ``manual_cnn``: exactly the old architecture: Conv2D(32, 3x3, relu),
+  MaxPool 2x2, Conv2D(64, 3x3, relu), MaxPool 2x2, Flatten, Dense(128, relu),
+  Dropout(0.5), Dense(1, sigmoid). Input scaled by 1/255.
+* ``vgg16``: frozen VGG16 base without top, Flatten, Dense(128, relu),
+  Dropout(0.5), Dense(1, sigmoid); :func:`unfreeze_for_fine_tuning` opens
+  ``block5`` for a second phase.
+* ``resnet50``: frozen ResNet50 base without top (batch norm kept in inference
+  mode), Flatten, Dense(128, relu), Dense(1, sigmoid).
+
+Weights: ``imagenet`` (from the Keras cache; never a silent download),
+``none``, ``auto`` (imagenet for the backbones, none for the manual CNN) or a
+path: for the backbones a backbone weights file (the ``*_notop.h5`` file or
+one saved with ``save_weights``); for the manual CNN a weights file of the
+whole model.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import keras
+
+from pneumo_data.augment import AffineParams, RandomAffine
+from pneumo_models.layers import Preprocess
+from pneumo_models.precision import dtype_policy
+
+MODELS = ("manual_cnn", "vgg16", "resnet50")
+BACKBONES = {
+    "vgg16": ("VGG16", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+              "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"),
+    "resnet50": ("ResNet50", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                 "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"),
+}
+LAST_CONV = {"manual_cnn": "conv2", "vgg16": "block5_conv3", "resnet50": "conv5_block3_out"}
+
+
+class WeightsUnavailableError(RuntimeError):
+    """ImageNet weights are neither cached nor downloadable here."""
+
+
+def keras_cache_dir() -> Path:
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+
+
+def _network_reachable(host: str, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def imagenet_weights_file(name: str) -> str:
+    """Path of the cached ImageNet ``notop`` file, downloading only if reachable.
+
+    Raises WeightsUnavailableError at once (no hanging download) when the file
+    is not cached and the host cannot be reached, saying where to put it.
+    """
+    _, filename, base_url = BACKBONES[name]
+    cached = keras_cache_dir() / filename
+    if cached.exists():
+        return str(cached)
+    host = base_url.split("/")[2]
+    if not _network_reachable(host):
+        raise WeightsUnavailableError(
+            f"ImageNet weights for {name} are not cached and {host} cannot be reached. "
+            f"Offline: download {base_url}{filename} elsewhere and place it at {cached} "
+            f"(or set KERAS_HOME), or pass --weights=/path/to/{filename}; "
+            f"--weights=none trains from scratch.")
+    return keras.utils.get_file(filename, base_url + filename, cache_subdir="models")
+
+
+def _augmentation(augment, backend: str):
+    if augment is None or augment is False:
+        return None
+    params = AffineParams() if augment is True else augment
+    if not isinstance(params, AffineParams):
+        raise TypeError(f"augment must be a bool or AffineParams, got {augment!r}")
+    return RandomAffine(**vars(params), backend=backend, name="augment")
+
+
+def build_model(name: str, *, image_size: int = 150, weights: str = "auto",
+                augment: bool | AffineParams | None = True, augment_backend: str = "kernel",
+                precision: str = "float32", dropout: float = 0.5, seed: int | None = None
+                ) -> keras.Model:
+    """Builds ``name`` (one of MODELS) for uint8 [image_size, image_size, 1] input.
+
+    Args:
+      augment: True (the old recipe's ranges), AffineParams, or False/None.
+      augment_backend: ``kernel`` or ``gather`` (use gather under XLA).
+      precision: a Keras dtype policy name (already resolved, not ``auto``).
+      seed: seeds the weight initializers (reproducible builds).
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
+    if not isinstance(image_size, int) or image_size < 32:
+        raise ValueError(f"image_size must be an integer >= 32, got {image_size!r}")
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+    with dtype_policy(precision):
+        inputs = keras.Input((image_size, image_size, 1), dtype="uint8", name="image")
+        x = inputs
+        layer = _augmentation(augment, augment_backend)
+        if layer is not None:
+            x = layer(x)
+        if name == "manual_cnn":
+            x = Preprocess("unit", name="preprocess")(x)
+            x = keras.layers.Conv2D(32, 3, activation="relu", name="conv1")(x)
+            x = keras.layers.MaxPooling2D(2, name="pool1")(x)
+            x = keras.layers.Conv2D(64, 3, activation="relu", name="conv2")(x)
+            x = keras.layers.MaxPooling2D(2, name="pool2")(x)
+            x = keras.layers.Flatten(name="flatten")(x)
+            x = keras.layers.Dense(128, activation="relu", name="fc")(x)
+            x = keras.layers.Dropout(dropout, name="dropout")(x)
+        else:
+            x = Preprocess("caffe", name="preprocess")(x)
+            base = _backbone(name, image_size, weights)
+            base.trainable = False
+            x = base(x, training=False)
+            x = keras.layers.Flatten(name="flatten")(x)
+            x = keras.layers.Dense(128, activation="relu", name="fc")(x)
+            if name == "vgg16":
+                x = keras.layers.Dropout(dropout, name="dropout")(x)
+        outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32",
+                                     name="probability")(x)
+        model = keras.Model(inputs, outputs, name=name)
+    if name == "manual_cnn" and weights == "imagenet":
+        raise ValueError("manual_cnn has no ImageNet weights; use --weights=none or a file")
+    if name == "manual_cnn" and weights not in ("auto", "none", None):
+        model.load_weights(_existing(weights))
+    return model
+
+
+def _existing(path: str) -> str:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    return path
+
+
+def _backbone(name: str, image_size: int, weights: str) -> keras.Model:
+    class_name = BACKBONES[name][0]
+    constructor = getattr(keras.applications, class_name)
+    if weights in ("auto", "imagenet"):
+        source = imagenet_weights_file(name)
+    elif weights in ("none", None):
+        source = None
+    else:
+        source = _existing(weights)
+    base = constructor(include_top=False, weights=None,
+                       input_shape=(image_size, image_size, 3))
+    if source is not None:
+        base.load_weights(source)
+    return base
+
+
+def backbone(model: keras.Model) -> keras.Model | None:
+    """The nested backbone model (vgg16/resnet50), or None for the manual CNN."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            return layer
+    return None
+
+
+def unfreeze_for_fine_tuning(model: keras.Model, prefix: str = "block5") -> int:
+    """Makes the backbone trainable from its first ``prefix`` layer on; returns how many.
+
+    The backbone's other layers stay frozen. Recompile afterwards.
+    """
+    base = backbone(model)
+    if base is None:
+        raise ValueError(f"{model.name} has no backbone to fine-tune")
+    base.trainable = True
+    opened = 0
+    for layer in base.layers:
+        layer.trainable = layer.name.startswith(prefix)
+        opened += layer.trainable and bool(layer.weights)
+    if not opened:
+        raise ValueError(f"no backbone layer of {model.name} starts with {prefix!r}")
+    return opened

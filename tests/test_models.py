@@ -1,0 +1,141 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras
+from pneumo_models import models, precision
+from pneumo_models.layers import Preprocess
+
+SIZE = 32
+
+
+def tiny_data(n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(n) % 2).astype("float32")[:, None]
+    images = rng.integers(0, 80, (n, SIZE, SIZE, 1)).astype("uint8")
+    images[labels[:, 0] == 1, 8:20, 8:20] += 150  # positives carry a bright square
+    return images, labels
+
+
+def compiled(name, policy="float32", jit=False, augment=True, backend="kernel"):
+    model = models.build_model(name, image_size=SIZE, weights="none", precision=policy,
+                               augment=augment, augment_backend=backend, seed=0)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy",
+                  jit_compile=jit)
+    return model
+
+
+@pytest.mark.parametrize("name", models.MODELS)
+def test_builds_trains_saves_and_reloads_identically(name, tmp_path):
+    images, labels = tiny_data()
+    model = compiled(name)
+    assert model.inputs[0].dtype == "uint8" and model.outputs[0].dtype == "float32"
+    history = model.fit(images, labels, batch_size=8, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    path = tmp_path / f"{name}.keras"
+    model.save(path)
+    clone = keras.models.load_model(path)
+    np.testing.assert_allclose(clone.predict(images, verbose=0), model.predict(images, verbose=0),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_backbones_are_frozen_and_block5_opens():
+    model = models.build_model("vgg16", image_size=SIZE, weights="none")
+    base = models.backbone(model)
+    assert not base.trainable
+    head = {w.name for w in model.trainable_weights}
+    assert head and not any("block" in n for n in head)
+    opened = models.unfreeze_for_fine_tuning(model, "block5")
+    assert opened == 3
+    trainable = {l.name for l in base.layers if l.trainable and l.weights}
+    assert trainable == {"block5_conv1", "block5_conv2", "block5_conv3"}
+    with pytest.raises(ValueError, match="no backbone"):
+        models.unfreeze_for_fine_tuning(models.build_model("manual_cnn", image_size=SIZE))
+
+
+def test_manual_cnn_is_the_old_architecture():
+    model = models.build_model("manual_cnn", image_size=150, weights="none", augment=False)
+    kinds = [type(l).__name__ for l in model.layers[2:]]
+    assert kinds == ["Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Flatten", "Dense",
+                     "Dropout", "Dense"]
+    assert model.get_layer("conv1").filters == 32 and model.get_layer("conv2").filters == 64
+    assert model.get_layer("fc").units == 128 and model.get_layer("dropout").rate == 0.5
+
+
+def test_caffe_preprocessing_matches_keras_applications():
+    gray = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 1)).astype("uint8")
+    ours = Preprocess("caffe")(gray).numpy()
+    rgb = np.repeat(gray.astype("float32"), 3, axis=-1)
+    np.testing.assert_allclose(ours, keras.applications.vgg16.preprocess_input(rgb.copy()), atol=1e-4)
+    np.testing.assert_allclose(ours, keras.applications.resnet50.preprocess_input(rgb.copy()), atol=1e-4)
+    np.testing.assert_allclose(Preprocess("unit")(gray).numpy(), gray / 255.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16", "mixed_float16"])
+def test_precision_policies_train(policy):
+    images, labels = tiny_data()
+    model = compiled("manual_cnn", policy)
+    assert model.get_layer("conv1").compute_dtype == policy.replace("mixed_", "").replace(
+        "float32", "float32")
+    model.fit(images, labels, batch_size=8, epochs=2, verbose=0)
+    if policy == "mixed_float16":
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    out = model.predict(images, verbose=0)
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+    assert keras.config.dtype_policy().name == "float32"  # global policy restored
+
+
+def test_xla_train_step_keeps_augmentation_with_gather_backend():
+    images, labels = tiny_data()
+    model = compiled("manual_cnn", jit=True, backend="gather")
+    history = model.fit(images, labels, batch_size=8, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+def test_weights_file_for_backbone_and_whole_model(tmp_path):
+    model = models.build_model("vgg16", image_size=SIZE, weights="none", seed=1)
+    base = models.backbone(model)
+    path = tmp_path / "vgg16_backbone.weights.h5"
+    base.save_weights(path)
+    again = models.build_model("vgg16", image_size=SIZE, weights=str(path), seed=2)
+    for a, b in zip(base.weights, models.backbone(again).weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    cnn = models.build_model("manual_cnn", image_size=SIZE, weights="none", seed=1)
+    cnn.save_weights(tmp_path / "cnn.weights.h5")
+    cnn2 = models.build_model("manual_cnn", image_size=SIZE,
+                              weights=str(tmp_path / "cnn.weights.h5"), seed=2)
+    np.testing.assert_array_equal(cnn.get_layer("fc").kernel.numpy(),
+                                  cnn2.get_layer("fc").kernel.numpy())
+    with pytest.raises(FileNotFoundError):
+        models.build_model("manual_cnn", image_size=SIZE, weights=str(tmp_path / "nope.h5"))
+
+
+def test_imagenet_offline_fails_fast_with_instructions(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(models, "_network_reachable", lambda host, timeout=3.0: False)
+    with pytest.raises(models.WeightsUnavailableError) as error:
+        models.build_model("resnet50", image_size=SIZE, weights="imagenet")
+    message = str(error.value)
+    assert "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
+    assert str(tmp_path / "models") in message and "--weights=" in message
+
+
+def test_unknown_model_and_bad_size():
+    with pytest.raises(ValueError, match="unknown model"):
+        models.build_model("alexnet")
+    with pytest.raises(ValueError, match="image_size"):
+        models.build_model("manual_cnn", image_size=0)
+
+
+def test_precision_resolution():
+    assert precision.resolve_precision("auto", gpus=[(8, 0)], flags=set()) == "mixed_float16"
+    assert precision.resolve_precision("auto", gpus=[(6, 1)], flags=set()) == "float32"
+    assert precision.resolve_precision("auto", gpus=[], flags={"amx_bf16"}) == "mixed_bfloat16"
+    assert precision.resolve_precision("auto", gpus=[], flags={"avx512_bf16"}) == "mixed_bfloat16"
+    assert precision.resolve_precision("auto", gpus=[], flags={"avx2"}) == "float32"
+    assert precision.resolve_precision("float32", gpus=[(8, 0)]) == "float32"
+    assert precision.resolve_jit("auto", has_gpu=True) is True
+    assert precision.resolve_jit("auto", has_gpu=False) is False
+    assert precision.resolve_jit("true") is True
+    with pytest.raises(ValueError):
+        precision.resolve_precision("float8")

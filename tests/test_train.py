@@ -1,0 +1,141 @@
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pneumo_data.manifest import ManifestError
+from pneumo_models.train import TrainConfig, TrainError, train
+
+ROOT = Path(__file__).parents[1]
+
+
+def small(prepared, model_dir, **kw):
+    base = dict(data_dir=str(prepared), model_dir=str(model_dir), image_size=32, batch_size=8,
+                epochs=2, steps_per_epoch=3, precision="float32", early_stopping_patience=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def epochs_in(history: Path):
+    with open(history) as handle:
+        return [int(row["epoch"]) for row in csv.DictReader(handle)]
+
+
+def test_job_writes_everything_and_second_run_is_noop(prepared, tmp_path):
+    run = train(small(prepared, tmp_path / "run"))
+    out = tmp_path / "run"
+    for name in ("config.json", "config.flags", "history.csv", "best.keras", "model.keras",
+                 "run.json"):
+        assert (out / name).exists(), name
+    assert (out / "export" / "saved_model.pb").exists() and list((out / "logs").iterdir())
+    assert not (out / "resume").exists()
+    assert run["precision"] == "float32" and run["jit_compile"] is False
+    assert {"auc", "accuracy", "precision", "recall", "loss"} <= set(run["val_metrics"])
+    assert epochs_in(out / "history.csv") == [0, 1]
+    row = run["history"][0]
+    assert row["images_per_second"] > 0 and "val_auc" in row
+    assert json.loads((out / "config.json").read_text())["image_size"] == 32
+    stamp = (out / "run.json").stat().st_mtime_ns
+    train(small(prepared, tmp_path / "run"))
+    assert (out / "run.json").stat().st_mtime_ns == stamp
+
+
+def test_flagfile_reproduces_the_config(prepared, tmp_path):
+    from absl import flags
+    from pneumo_data.flagconfig import config_from_flags, define_flags
+    config = small(prepared, tmp_path / "run", model="vgg16", fine_tune_epochs=1)
+    values = flags.FlagValues()
+    define_flags(TrainConfig, values)
+    flagfile = tmp_path / "config.flags"
+    from pneumo_data.flagconfig import config_to_flagfile
+    flagfile.write_text(config_to_flagfile(config))
+    values(["train", f"--flagfile={flagfile}"])
+    assert config_from_flags(TrainConfig, values) == config
+
+
+def test_resume_after_kill_continues_from_last_epoch(prepared, tmp_path):
+    out = tmp_path / "run"
+    config = small(prepared, out, epochs=3)
+    code = (
+        "import os, signal\n"
+        "import pneumo_models.train as t\n"
+        "original = t._callbacks_module\n"
+        "def patched():\n"
+        "    Throughput, NaNGuard, Resume = original()\n"
+        "    class Killer(Resume):\n"
+        "        def on_epoch_end(self, epoch, logs=None):\n"
+        "            super().on_epoch_end(epoch, logs)\n"
+        "            if epoch == 1:\n"
+        "                os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return Throughput, NaNGuard, Killer\n"
+        "t._callbacks_module = patched\n"
+        f"t.train(t.TrainConfig(**{config.__dict__!r}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert json.loads((out / "resume" / "state.json").read_text())["epoch"] == 1
+    assert not (out / "run.json").exists()
+    run = train(config)
+    assert epochs_in(out / "history.csv") == [0, 1, 2]  # epoch 3 only, once
+    assert len(run["history"]) == 3
+
+
+def test_model_dir_with_another_config_is_refused_before_work(prepared, tmp_path):
+    train(small(prepared, tmp_path / "run", epochs=1))
+    with pytest.raises(TrainError, match="another run's config.*epochs: 1 -> 2"):
+        train(small(prepared, tmp_path / "run", epochs=2))
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(model="alexnet"), TrainError, "--model must be one of"),
+    (dict(batch_size=0), TrainError, "--batch_size must be positive"),
+    (dict(image_size=-5), TrainError, "--image_size must be positive"),
+    (dict(learning_rate=0.0), TrainError, "learning_rate"),
+    (dict(fine_tune_epochs=2), TrainError, "needs a backbone"),
+    (dict(weights="/no/such/file.h5"), TrainError, "does not exist"),
+])
+def test_bad_options_fail_before_any_output(prepared, tmp_path, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        train(small(prepared, tmp_path / "run", **kwargs))
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_dir_without_manifest(tmp_path):
+    with pytest.raises(ManifestError, match="no manifest.json"):
+        train(TrainConfig(data_dir=str(tmp_path), model_dir=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
+
+
+def test_nan_loss_stops_with_a_clear_message(prepared, tmp_path, monkeypatch):
+    import keras
+    import pneumo_models.train as t
+
+    def nan_compile(model, learning_rate, jit):
+        model.compile(optimizer=keras.optimizers.SGD(learning_rate),
+                      loss=lambda y, p: keras.ops.mean(y * np.nan + p),
+                      metrics=[keras.metrics.AUC(name="auc")])
+    monkeypatch.setattr(t, "_compile", nan_compile)
+    with pytest.raises(TrainError, match="loss became nan at epoch 1, batch 1"):
+        train(small(prepared, tmp_path / "run"))
+
+
+def test_cli_bad_flag_is_a_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pneumo_models.train", f"--data_dir={tmp_path}",
+                           f"--model_dir={tmp_path / 'r'}"], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode != 0 and "train: error:" in proc.stderr
+    assert "no manifest.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_job_learns_the_embedded_default_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("PNEUMO_CACHE", str(tmp_path / "cache"))
+    run = train(TrainConfig(model_dir=str(tmp_path / "run"), image_size=64, epochs=6,
+                            precision="float32", early_stopping_patience=0, seed=0))
+    assert run["val_metrics"]["auc"] > 0.85, run["val_metrics"]
