@@ -1,0 +1,323 @@
+r"""Evaluation job: a trained model on a held-out split, honestly.
+
+    python -m pneumo_eval.evaluate --model_dir=runs/cnn --split=test \
+        --threshold_policy=sensitivity:0.95 --output_dir=reports/cnn
+    # several models side by side (writes comparison.md / comparison.json too):
+    python -m pneumo_eval.evaluate --model_dir=runs/cnn,runs/vgg16 --output_dir=reports/cmp
+
+The operating threshold is chosen on the validation split by the policy
+(:mod:`pneumo_eval.thresholds`) and applied unchanged to ``--split``. Writes,
+per model, ``report.json`` (every metric with its 95% bootstrap interval over
+patients, counts, threshold and policy, per-subtype sensitivity, model and data
+identity), ``report.md`` and PNGs: confusion matrix, ROC with the operating
+point, precision-recall, calibration, score histograms and Grad-CAM for a few
+true positives, false positives and false negatives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pneumo_data.flagconfig import config_to_dict, option
+from pneumo_eval import metrics as metrics_lib
+
+log = logging.getLogger("pneumo.evaluate")
+
+
+class EvaluateError(ValueError):
+    """The evaluation cannot run with these inputs; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """Options of the evaluation job; each field is also a command-line flag."""
+
+    model_dir: tuple[str, ...] | None = option(None, "One or more training model_dirs "
+                                                     "(comma-separated).")
+    data_dir: str | None = option(None, "Prepared shards (default: the one each model "
+                                        "was trained on, from its run.json).")
+    split: str = option("test", "Split to evaluate.")
+    threshold_policy: str = option("youden", "fixed[:T], youden or sensitivity:S; chosen "
+                                             "on the val split.")
+    output_dir: str | None = option(None, "Where reports go (default: MODEL_DIR/eval-SPLIT).")
+    bootstrap: int = option(1000, "Bootstrap replicates for the 95% intervals.")
+    gradcam_examples: int = option(3, "Grad-CAM examples per kind (TP, FP, FN); 0: none.")
+    batch_size: int = option(64, "Prediction batch size.")
+    seed: int = option(0, "Seed of the bootstrap.")
+
+
+@dataclasses.dataclass
+class Predictions:
+    labels: np.ndarray
+    scores: np.ndarray
+    patients: np.ndarray
+    subtypes: np.ndarray
+    paths: np.ndarray
+
+
+def predict_split(model, data_dir, split: str, batch_size: int) -> Predictions:
+    import pneumo_data
+    size = int(model.inputs[0].shape[1])
+    ds = pneumo_data.eval_dataset(data_dir, split, batch_size=batch_size, image_size=size,
+                                  with_metadata=True)
+    labels, scores, patients, subtypes, paths = [], [], [], [], []
+    for images, y, meta in ds:
+        scores.append(np.asarray(model(images, training=False), np.float64)[:, 0])
+        labels.append(y.numpy()[:, 0].astype(np.int64))
+        patients += [p.decode() for p in meta["patient_id"].numpy()]
+        subtypes += [p.decode() for p in meta["subtype"].numpy()]
+        paths += [p.decode() for p in meta["source_path"].numpy()]
+    if not labels:
+        raise EvaluateError(f"split {split!r} of {data_dir} holds no images")
+    return Predictions(np.concatenate(labels), np.concatenate(scores), np.array(patients),
+                       np.array(subtypes), np.array(paths))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _pick_examples(pred: Predictions, threshold: float, k: int) -> list[tuple[str, int]]:
+    """Most confident true positives, false positives and false negatives."""
+    positive = pred.scores >= threshold
+    kinds = {
+        "TP": np.flatnonzero(positive & (pred.labels == 1)),
+        "FP": np.flatnonzero(positive & (pred.labels == 0)),
+        "FN": np.flatnonzero(~positive & (pred.labels == 1)),
+    }
+    chosen = []
+    for kind, idx in kinds.items():
+        confidence = pred.scores[idx] if kind != "FN" else 1 - pred.scores[idx]
+        for i in idx[np.argsort(-confidence, kind="stable")][:k]:
+            chosen.append((kind, int(i)))
+    return chosen
+
+
+def _gradcam(model, data_dir, split, pred, threshold, k, out: Path) -> list[dict]:
+    if k <= 0:
+        return []
+    import pneumo_data
+    from pneumo_eval import gradcam, plots
+    chosen = _pick_examples(pred, threshold, k)
+    if not chosen:
+        return []
+    size = int(model.inputs[0].shape[1])
+    wanted = {i for _, i in chosen}
+    images = {}
+    offset = 0
+    for batch, _ in pneumo_data.eval_dataset(data_dir, split, batch_size=256, image_size=size):
+        for j in range(len(batch)):
+            if offset + j in wanted:
+                images[offset + j] = batch[j].numpy()
+        offset += len(batch)
+    stack = np.stack([images[i] for _, i in chosen])
+    heat = gradcam.grad_cam(model, stack)
+    captions = [f"{kind} p={pred.scores[i]:.2f}\n{Path(pred.paths[i]).name}"
+                for kind, i in chosen]
+    plots.gradcam_png(stack, heat, captions, out / "gradcam.png",
+                      title=f"Grad-CAM ({gradcam.last_conv_layer(model)[1]})")
+    return [{"kind": kind, "path": str(pred.paths[i]), "score": float(pred.scores[i])}
+            for kind, i in chosen]
+
+
+def evaluate_model(model_dir: Path, config: EvaluateConfig, out: Path) -> dict[str, Any]:
+    import keras
+
+    import pneumo_models.models  # noqa: F401  (registers the custom layers)
+    from pneumo_data import manifest as manifest_lib
+    from pneumo_eval import plots
+    from pneumo_eval.bootstrap import bootstrap_intervals
+    from pneumo_eval.thresholds import choose_threshold
+
+    model_path = model_dir / "model.keras"
+    if not model_path.exists():
+        raise EvaluateError(f"{model_dir} has no model.keras (is the training finished?)")
+    run = json.loads((model_dir / "run.json").read_text()) if (model_dir / "run.json").exists() \
+        else {}
+    data_dir = config.data_dir or run.get("data_dir")
+    if not data_dir:
+        raise EvaluateError(f"no --data_dir given and {model_dir}/run.json names none")
+    m = manifest_lib.load_manifest(data_dir)
+    m.require_split(config.split)
+    if "val" not in m.splits:
+        raise EvaluateError(f"{data_dir} has no val split to choose the threshold on")
+    model = keras.models.load_model(model_path)
+
+    val = predict_split(model, data_dir, "val", config.batch_size)
+    choice = choose_threshold(val.labels, val.scores, config.threshold_policy, chosen_on="val")
+    pred = val if config.split == "val" else predict_split(model, data_dir, config.split,
+                                                           config.batch_size)
+    t = choice.threshold
+    point = metrics_lib.binary_metrics(pred.labels, pred.scores, t)
+    intervals = bootstrap_intervals(pred.labels, pred.scores, t, groups=pred.patients,
+                                    n_boot=config.bootstrap, seed=config.seed)
+    subtypes = metrics_lib.subtype_sensitivity(pred.labels, pred.scores, pred.subtypes, t)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {}
+    name = run.get("model", model_dir.name)
+    figures["confusion_matrix"] = plots.confusion_matrix_png(pred.labels, pred.scores, t,
+                                                             out / "confusion_matrix.png")
+    if len(np.unique(pred.labels)) == 2:
+        figures["roc"] = plots.roc_png(pred.labels, pred.scores, t, point["roc_auc"],
+                                       out / "roc.png", title=f"ROC, {name}, {config.split}")
+    if pred.labels.sum() > 0:
+        figures["pr"] = plots.pr_png(pred.labels, pred.scores, point["pr_auc"], out / "pr.png")
+    figures["calibration"] = plots.calibration_png(pred.labels, pred.scores, point["brier"],
+                                                   out / "calibration.png")
+    figures["histogram"] = plots.histogram_png(pred.labels, pred.scores, t,
+                                               out / "score_histogram.png")
+    examples = _gradcam(model, data_dir, config.split, pred, t, config.gradcam_examples, out)
+    if examples:
+        figures["gradcam"] = out / "gradcam.png"
+    report = {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"dir": str(model_dir.resolve()), "name": name,
+                  "file_sha256": _sha256(model_path), "precision": run.get("precision"),
+                  "trained": {k: run.get(k) for k in ("tensorflow", "keras", "train_counts")}},
+        "data": {"dir": str(Path(data_dir).resolve()), "split": config.split,
+                 "manifest_created": m.data["created"],
+                 "manifest_sha256": _sha256(Path(data_dir) / manifest_lib.MANIFEST_NAME),
+                 "images": int(pred.labels.size), "patients": int(len(set(pred.patients))),
+                 "positives": int(pred.labels.sum())},
+        "threshold": {"policy": choice.policy, "value": t, "chosen_on": choice.chosen_on,
+                      "val_sensitivity": choice.sensitivity,
+                      "val_specificity": choice.specificity,
+                      "note": ("chosen and applied on the same split: optimistic"
+                               if config.split == "val" else "chosen on val, applied unchanged")},
+        "counts": {k: point[k] for k in ("tn", "fp", "fn", "tp")},
+        "metrics": {k: v for k, v in intervals.items() if k != "_meta"},
+        "bootstrap": intervals["_meta"],
+        "undefined": metrics_lib.undefined_reasons(point),
+        "subtype_sensitivity": subtypes,
+        "gradcam_examples": examples,
+        "figures": {k: Path(v).name for k, v in figures.items()},
+        "options": config_to_dict(config),
+    }
+    report = metrics_lib.json_ready(report)
+    _write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
+    _write_text(out / "report.md", report_markdown(report))
+    np.savez_compressed(out / "predictions.npz", labels=pred.labels, scores=pred.scores,
+                        patients=pred.patients, subtypes=pred.subtypes, paths=pred.paths)
+    return report
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _fmt(entry: dict | None) -> str:
+    if not entry or entry.get("estimate") is None:
+        return "undefined"
+    low, high = entry.get("low"), entry.get("high")
+    ci = f" ({low:.3f}-{high:.3f})" if low is not None and high is not None else ""
+    return f"{entry['estimate']:.3f}{ci}"
+
+
+def report_markdown(report: dict) -> str:
+    th = report["threshold"]
+    c = report["counts"]
+    lines = [
+        f"# Evaluation: {report['model']['name']} on {report['data']['split']}",
+        "",
+        f"- Data: {report['data']['images']} images, {report['data']['patients']} patients, "
+        f"{report['data']['positives']} pneumonia ({report['data']['dir']})",
+        f"- Threshold: {th['value']:.4f} by policy `{th['policy']}`, {th['note']} "
+        f"(on val: sensitivity {th['val_sensitivity']:.3f}, specificity "
+        f"{th['val_specificity']:.3f})",
+        f"- Confusion: TN {c['tn']}, FP {c['fp']}, FN {c['fn']}, TP {c['tp']}",
+        f"- 95% intervals: {report['bootstrap']['n_boot']} bootstrap replicates over "
+        f"{report['bootstrap']['unit']}s",
+        "",
+        "| metric | value (95% CI) |",
+        "|---|---|",
+    ]
+    for key in metrics_lib.METRICS:
+        lines.append(f"| {key} | {_fmt(report['metrics'].get(key))} |")
+    if report["subtype_sensitivity"]:
+        lines += ["", "| subtype | positives | detected | sensitivity |", "|---|---|---|---|"]
+        for name, v in report["subtype_sensitivity"].items():
+            lines.append(f"| {name} | {v['positives']} | {v['detected']} | "
+                         f"{v['sensitivity']:.3f} |")
+    if report["undefined"]:
+        lines += ["", "Undefined: " + "; ".join(f"{k}: {v}"
+                                                for k, v in report["undefined"].items())]
+    lines += ["", "Figures: " + ", ".join(f"[{k}]({v})" for k, v in report["figures"].items()),
+              ""]
+    return "\n".join(lines)
+
+
+def comparison_markdown(reports: list[dict]) -> str:
+    keys = ("roc_auc", "sensitivity", "specificity", "accuracy", "f1", "pr_auc", "brier")
+    lines = ["| model | dir | threshold | " + " | ".join(keys) + " |",
+             "|---" * (3 + len(keys)) + "|"]
+    for r in reports:
+        lines.append(f"| {r['model']['name']} | {Path(r['model']['dir']).name} | "
+                     f"{r['threshold']['value']:.3f} ({r['threshold']['policy']}) | "
+                     + " | ".join(_fmt(r["metrics"].get(k)) for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(config: EvaluateConfig) -> list[dict[str, Any]]:
+    if not config.model_dir:
+        raise EvaluateError("--model_dir is required")
+    if config.bootstrap < 1 or config.batch_size < 1 or config.gradcam_examples < 0:
+        raise EvaluateError("bootstrap and batch_size must be positive, gradcam_examples >= 0")
+    from pneumo_eval.thresholds import parse_policy
+    parse_policy(config.threshold_policy)
+    dirs = [Path(d) for d in config.model_dir]
+    for d in dirs:
+        if not (d / "model.keras").exists():
+            raise EvaluateError(f"{d} has no model.keras (is the training finished?)")
+    several = len(dirs) > 1
+    root = Path(config.output_dir) if config.output_dir else None
+    reports = []
+    for d in dirs:
+        if root is None:
+            out = d / f"eval-{config.split}"
+        else:
+            out = root / d.name if several else root
+        log.info("evaluating %s on %s -> %s", d, config.split, out)
+        reports.append(evaluate_model(d, config, out))
+        print(report_markdown(reports[-1]), flush=True)
+    if several:
+        base = root or Path(".")
+        base.mkdir(parents=True, exist_ok=True)
+        _write_text(base / "comparison.md", comparison_markdown(reports))
+        _write_text(base / "comparison.json", json.dumps(reports, indent=1) + "\n")
+        print(comparison_markdown(reports))
+    return reports
+
+
+def main(argv):
+    from pneumo_data.flagconfig import config_from_flags
+    from pneumo_data.manifest import ManifestError
+    if len(argv) > 1:
+        raise SystemExit(f"evaluate: error: unexpected arguments {argv[1:]}")
+    try:
+        evaluate(config_from_flags(EvaluateConfig))
+    except (EvaluateError, ManifestError, ValueError) as error:
+        raise SystemExit(f"evaluate: error: {error}") from None
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    from pneumo_data.flagconfig import define_flags
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    define_flags(EvaluateConfig)
+    app.run(main)
