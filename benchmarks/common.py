@@ -13,6 +13,19 @@ from typing import Any, Callable
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
+# The old recipe's ImageDataGenerator augmentation (shear_range is in degrees there).
+OLD_AUGMENTATION = dict(rotation_range=15, width_shift_range=0.1, height_shift_range=0.1,
+                        shear_range=0.1, zoom_range=0.1, horizontal_flip=True,
+                        fill_mode="nearest")
+
+
+def class_root(source_dir: str) -> str:
+    """The folder whose children are NORMAL/PNEUMONIA (train split if there is one)."""
+    from pneumo_data import sources
+    layout = sources.detect_layout(Path(source_dir))
+    folders = layout.get("train") or layout.get(None) or next(iter(layout.values()))
+    return str(next(iter(folders.values())).parent)
+
 
 def cpu_model() -> str:
     try:

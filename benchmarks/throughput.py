@@ -28,6 +28,7 @@ from pathlib import Path
 from absl import app, flags
 
 from benchmarks import common
+from benchmarks.common import OLD_AUGMENTATION, class_root
 
 flags.DEFINE_string("source_dir", None, "Image folder (default: the embedded dataset).")
 flags.DEFINE_integer("image_size", 150, "Model input size.")
@@ -38,11 +39,6 @@ flags.DEFINE_bool("plot", False, "Also write a bar chart PNG.")
 flags.DEFINE_string("output_dir", None, "Results folder (default benchmarks/results).")
 flags.DEFINE_string("name", None, "Result file name (default from the source folder).")
 FLAGS = flags.FLAGS
-
-OLD_AUGMENTATION = dict(rotation_range=15, width_shift_range=0.1, height_shift_range=0.1,
-                        shear_range=0.1, zoom_range=0.1, horizontal_flip=True,
-                        fill_mode="nearest")
-
 
 def measure(iterator_factory, seconds: float, repeats: int, batch_size: int,
             warmup_batches: int) -> dict:
@@ -59,14 +55,6 @@ def measure(iterator_factory, seconds: float, repeats: int, batch_size: int,
         rates.append(images / (time.perf_counter() - start))
     return {"median": statistics.median(rates), "min": min(rates), "max": max(rates),
             "repeats": repeats}
-
-
-def class_root(source_dir: str) -> str:
-    """The folder whose children are NORMAL/PNEUMONIA (train split if there is one)."""
-    from pneumo_data import sources
-    layout = sources.detect_layout(Path(source_dir))
-    folders = layout.get("train") or layout.get(None) or next(iter(layout.values()))
-    return str(next(iter(folders.values())).parent)
 
 
 def old_recipe(root: str, size: int, batch: int):

@@ -1,0 +1,133 @@
+r"""Wall time of one training epoch of the manual CNN: the old recipe against pneumo.
+
+    python -m benchmarks.epoch
+    python -m benchmarks.epoch --source_dir=../shared/data/chest_xray_224 --plot
+
+Old recipe: tf_keras ``ImageDataGenerator.flow_from_directory`` (RGB, rescale
+1/255, its augmentation) feeding the same architecture in tf_keras, float32.
+pneumo: its defaults (shards prepared once, the cached uint8 stream balanced by
+sampling, device augmentation, precision and XLA chosen per device). Both run
+the same number of images per epoch (the train folder once); the first epoch
+and a second one are timed, as a user sees them. Ingest (prepare) time is
+reported separately: it is paid once per dataset, not per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+from benchmarks import common
+from benchmarks.common import OLD_AUGMENTATION, class_root
+
+flags.DEFINE_string("source_dir", None, "Image folder (default: the embedded dataset).")
+flags.DEFINE_integer("image_size", 150, "Input size.")
+flags.DEFINE_integer("batch_size", 32, "Batch size.")
+flags.DEFINE_integer("epochs", 2, "Epochs to time for each recipe.")
+flags.DEFINE_integer("max_images", 0, "Cap on images per epoch (0: the whole train folder).")
+flags.DEFINE_bool("plot", False, "Also write a bar chart PNG.")
+flags.DEFINE_string("output_dir", None, "Results folder (default benchmarks/results).")
+flags.DEFINE_string("name", None, "Result file name (default from the source folder).")
+FLAGS = flags.FLAGS
+
+
+class _EpochTimer:
+    def __init__(self):
+        self.times = []
+
+    def begin(self):
+        self.start = time.perf_counter()
+
+    def end(self):
+        self.times.append(time.perf_counter() - self.start)
+
+
+def old_recipe(root: str, size: int, batch: int, steps: int, epochs: int) -> list[float]:
+    import tf_keras
+    from tf_keras.preprocessing.image import ImageDataGenerator
+    gen = ImageDataGenerator(rescale=1 / 255.0, **OLD_AUGMENTATION).flow_from_directory(
+        root, target_size=(size, size), batch_size=batch, class_mode="binary")
+    layers = tf_keras.layers
+    model = tf_keras.Sequential([
+        layers.Conv2D(32, (3, 3), activation="relu", input_shape=(size, size, 3)),
+        layers.MaxPooling2D(2, 2), layers.Conv2D(64, (3, 3), activation="relu"),
+        layers.MaxPooling2D(2, 2), layers.Flatten(), layers.Dense(128, activation="relu"),
+        layers.Dropout(0.5), layers.Dense(1, activation="sigmoid")])
+    model.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
+    timer = _EpochTimer()
+    cb = tf_keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, l: timer.begin(),
+                                           on_epoch_end=lambda e, l: timer.end())
+    model.fit(gen, steps_per_epoch=steps, epochs=epochs, verbose=0, callbacks=[cb])
+    return timer.times
+
+
+def pneumo_recipe(data_dir: str, size: int, batch: int, steps: int, epochs: int) -> tuple:
+    import keras
+    import pneumo_data
+    from pneumo_models.models import build_model
+    from pneumo_models.precision import resolve_jit, resolve_precision
+    from pneumo_models.train import _compile
+    policy, jit = resolve_precision("auto"), resolve_jit("auto")
+    model = build_model("manual_cnn", image_size=size, weights="none", precision=policy,
+                        augment_backend="gather" if jit else "kernel", seed=0)
+    _compile(model, 1e-3, jit)
+    stream = pneumo_data.train_dataset(data_dir, batch_size=batch, image_size=size)
+    timer = _EpochTimer()
+    cb = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, l: timer.begin(),
+                                        on_epoch_end=lambda e, l: timer.end())
+    model.fit(stream, steps_per_epoch=steps, epochs=epochs, verbose=0, callbacks=[cb])
+    return timer.times, policy, jit
+
+
+def main(argv):
+    del argv
+    import tensorflow  # noqa: F401
+    from pneumo_data import synthetic
+    from pneumo_data.prepare import PrepareConfig, prepare
+    source_dir = FLAGS.source_dir or str(synthetic.default_dataset_dir())
+    root = class_root(source_dir)
+    size, batch = FLAGS.image_size, FLAGS.batch_size
+    work = tempfile.mkdtemp(prefix="pneumo-bench-epoch-")
+    try:
+        start = time.perf_counter()
+        m = prepare(PrepareConfig(source_dir=root, output_dir=work, progress=False,
+                                  val_fraction=0.0, test_fraction=0.0, resplit="all"))
+        prepare_seconds = time.perf_counter() - start
+        images = m.count("train")
+        if FLAGS.max_images:
+            images = min(images, FLAGS.max_images)
+        steps = max(1, math.ceil(images / batch))
+        old = old_recipe(root, size, batch, steps, FLAGS.epochs)
+        ours, policy, jit = pneumo_recipe(work, size, batch, steps, FLAGS.epochs)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    rows = [["old recipe (ImageDataGenerator + tf_keras, float32, RGB)"]
+            + [f"{t:.1f}" for t in old] + [f"{steps * batch / old[-1]:.0f}"],
+            [f"pneumo defaults ({policy}, XLA {'on' if jit else 'off'}, device augmentation)"]
+            + [f"{t:.1f}" for t in ours] + [f"{steps * batch / ours[-1]:.0f}"]]
+    header = ["recipe"] + [f"epoch {i + 1} s" for i in range(FLAGS.epochs)] + [
+        "img/s (last epoch)"]
+    ratio = old[-1] / ours[-1]
+    table = common.markdown_table(header, rows)
+    table += (f"\n\nOld recipe / pneumo, last epoch: {ratio:.2f}x. {steps} steps x {batch} "
+              f"images per epoch from {source_dir} at {size}x{size}; pneumo's one-time "
+              f"prepare took {prepare_seconds:.1f}s.")
+    name = FLAGS.name or f"epoch-{Path(source_dir).name}"
+    path = common.write_results(name, FLAGS.output_dir, {
+        "environment": common.environment(), "source_dir": source_dir, "image_size": size,
+        "batch_size": batch, "steps_per_epoch": steps, "old_recipe_seconds": old,
+        "pneumo_seconds": ours, "pneumo_precision": policy, "pneumo_jit": jit,
+        "prepare_seconds": prepare_seconds, "old_over_pneumo_last_epoch": ratio}, table)
+    if FLAGS.plot:
+        common.bar_chart(path.with_suffix(".png"),
+                         {"old recipe": old[-1], "pneumo": ours[-1]}, "seconds per epoch",
+                         f"One epoch of the manual CNN, {size}x{size}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,59 @@
+"""Smoke tests: each benchmark runs with tiny sizes and writes its outputs.
+
+They assert the structure of what is written, never a speed.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+def run(module, tmp_path, *args):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PNEUMO_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", module, f"--output_dir={tmp_path}",
+                           "--name=result", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads((tmp_path / "result.json").read_text())
+    assert payload["environment"]["tensorflow"] and payload["environment"]["cores"] >= 1
+    assert "| " in (tmp_path / "result.md").read_text()
+    return payload
+
+
+@pytest.fixture
+def tiny_source(synthetic_source):
+    return f"--source_dir={synthetic_source}"
+
+
+def test_throughput_smoke(tmp_path, tiny_source):
+    payload = run("benchmarks.throughput", tmp_path, tiny_source, "--seconds=0.2",
+                  "--repeats=1", "--image_size=32", "--batch_size=8", "--plot")
+    assert len(payload["results"]) == 6
+    assert all(r["median"] > 0 for r in payload["results"].values())
+    assert payload["fused_over_chain"] > 0
+    assert (tmp_path / "result.png").exists()
+
+
+def test_train_step_smoke(tmp_path, tiny_source):
+    payload = run("benchmarks.train_step", tmp_path, tiny_source, "--models=manual_cnn",
+                  "--precisions=float32,mixed_bfloat16", "--jit=false,true", "--image_size=32",
+                  "--batch_size=4", "--steps=1", "--warmup_steps=1", "--repeats=1", "--plot")
+    cells = payload["cells"]
+    assert len(cells) == 4 and not [c for c in cells if "error" in c]
+    for c in cells:
+        assert c["memory"]["median"] > 0 and c["pipeline"]["median"] > 0
+        assert isinstance(c["input_kept_up"], bool)
+    assert (tmp_path / "result.png").exists()
+
+
+def test_epoch_smoke(tmp_path, tiny_source):
+    payload = run("benchmarks.epoch", tmp_path, tiny_source, "--image_size=32",
+                  "--batch_size=8", "--epochs=1", "--max_images=16")
+    assert len(payload["old_recipe_seconds"]) == 1 and len(payload["pneumo_seconds"]) == 1
+    assert payload["steps_per_epoch"] == 2 and payload["old_over_pneumo_last_epoch"] > 0
