@@ -118,3 +118,27 @@ def config_to_flagfile(config) -> str:
         else:
             lines.append(f"--{field.name}={value}")
     return "\n".join(lines) + "\n"
+
+
+def run_job(name: str, config_cls, job, errors: tuple[type[BaseException], ...] = (ValueError,)):
+    """The ``__main__`` of a job: flags from ``config_cls``, then ``job(config)``.
+
+    An exception of one of ``errors`` ends the process with ``NAME: error: message``
+    (exit status 1, no traceback); anything else is a bug and keeps its traceback.
+    """
+    import logging
+
+    from absl import app
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    define_flags(config_cls)
+
+    def main(argv):
+        if len(argv) > 1:
+            raise SystemExit(f"{name}: error: unexpected arguments {argv[1:]}")
+        try:
+            job(config_from_flags(config_cls))
+        except errors as error:
+            raise SystemExit(f"{name}: error: {error}") from None
+
+    app.run(main)

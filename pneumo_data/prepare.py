@@ -459,20 +459,8 @@ def prepare(config: PrepareConfig) -> manifest.Manifest:
     return manifest.load_manifest(output_dir)
 
 
-def main(argv):
-    from pneumo_data.flagconfig import config_from_flags
-    if len(argv) > 1:
-        raise PrepareError(f"unexpected arguments: {argv[1:]}")
-    try:
-        prepare(config_from_flags(PrepareConfig))
-    except (PrepareError, split.LeakageError) as error:
-        raise SystemExit(f"prepare: error: {error}") from None
-
 
 if __name__ == "__main__":
-    from absl import app
+    from pneumo_data.flagconfig import run_job
 
-    from pneumo_data.flagconfig import define_flags
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    define_flags(PrepareConfig)
-    app.run(main)
+    run_job("prepare", PrepareConfig, prepare, (PrepareError, split.LeakageError))

@@ -303,21 +303,9 @@ def evaluate(config: EvaluateConfig) -> list[dict[str, Any]]:
     return reports
 
 
-def main(argv):
-    from pneumo_data.flagconfig import config_from_flags
-    from pneumo_data.manifest import ManifestError
-    if len(argv) > 1:
-        raise SystemExit(f"evaluate: error: unexpected arguments {argv[1:]}")
-    try:
-        evaluate(config_from_flags(EvaluateConfig))
-    except (EvaluateError, ManifestError, ValueError) as error:
-        raise SystemExit(f"evaluate: error: {error}") from None
-
 
 if __name__ == "__main__":
-    from absl import app
+    from pneumo_data.flagconfig import run_job
+    from pneumo_data.manifest import ManifestError
 
-    from pneumo_data.flagconfig import define_flags
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    define_flags(EvaluateConfig)
-    app.run(main)
+    run_job("evaluate", EvaluateConfig, evaluate, (EvaluateError, ManifestError, ValueError))

@@ -128,20 +128,8 @@ def predict(config: PredictConfig) -> Path:
     return out
 
 
-def main(argv):
-    from pneumo_data.flagconfig import config_from_flags
-    if len(argv) > 1:
-        raise SystemExit(f"predict: error: unexpected arguments {argv[1:]}")
-    try:
-        predict(config_from_flags(PredictConfig))
-    except (ValueError, FileNotFoundError, KeyError) as error:
-        raise SystemExit(f"predict: error: {error}") from None
-
 
 if __name__ == "__main__":
-    from absl import app
+    from pneumo_data.flagconfig import run_job
 
-    from pneumo_data.flagconfig import define_flags
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    define_flags(PredictConfig)
-    app.run(main)
+    run_job("predict", PredictConfig, predict, (ValueError, FileNotFoundError, KeyError))

@@ -373,22 +373,11 @@ def _read_history(path: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
 
 
-def main(argv):
-    from pneumo_data.flagconfig import config_from_flags
-    from pneumo_data.manifest import ManifestError, ShardIntegrityError
-    from pneumo_models.models import WeightsUnavailableError
-    if len(argv) > 1:
-        raise SystemExit(f"train: error: unexpected arguments {argv[1:]}")
-    try:
-        train(config_from_flags(TrainConfig))
-    except (TrainError, ManifestError, ShardIntegrityError, WeightsUnavailableError) as error:
-        raise SystemExit(f"train: error: {error}") from None
-
 
 if __name__ == "__main__":
-    from absl import app
+    from pneumo_data.flagconfig import run_job
+    from pneumo_data.manifest import ManifestError, ShardIntegrityError
+    from pneumo_models.models import WeightsUnavailableError
 
-    from pneumo_data.flagconfig import define_flags
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    define_flags(TrainConfig)
-    app.run(main)
+    run_job("train", TrainConfig, train,
+            (TrainError, ManifestError, ShardIntegrityError, WeightsUnavailableError))

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs every benchmark on the real data, one after another (never two at once:
+# they would share the cores and distort each other). Results land in
+# benchmarks/results/. Usage: bash benchmarks/run_all.sh [../shared/data]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${1:-../shared/data}
+python -m benchmarks.encoding --source_dir="$DATA/chest_xray_224"
+python -m benchmarks.prepare --source_dir="$DATA/chest_xray_fullres"
+python -m benchmarks.prepare --source_dir="$DATA/chest_xray_224" --repeats=2
+python -m benchmarks.throughput --source_dir="$DATA/chest_xray_fullres" --plot
+python -m benchmarks.throughput --source_dir="$DATA/chest_xray_224" --plot
+python -m benchmarks.epoch --source_dir="$DATA/chest_xray_fullres" --plot
+python -m benchmarks.epoch --source_dir="$DATA/chest_xray_224" --plot
+python -m benchmarks.train_step --source_dir="$DATA/chest_xray_224" --steps=3 --repeats=2 \
+    --warmup_steps=1 --plot
