@@ -60,11 +60,18 @@ def environment() -> dict[str, Any]:
 
 
 def gpu_memory() -> dict[str, int] | None:
-    """Peak memory of the first GPU in bytes, or None on a CPU."""
+    """Current and peak memory of the first GPU in bytes (since the last reset), or None."""
     import tensorflow as tf
     if not tf.config.list_physical_devices("GPU"):
         return None
     return tf.config.experimental.get_memory_info("GPU:0")
+
+
+def reset_gpu_peak() -> None:
+    """Starts a new peak-memory window on the first GPU (no-op on a CPU)."""
+    import tensorflow as tf
+    if tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.reset_memory_stats("GPU:0")
 
 
 def repeat_timing(run: Callable[[], int], repeats: int, warmup: int = 1) -> dict[str, float]:
