@@ -299,6 +299,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     Throughput, NaNGuard, Resume = _callbacks_module()
     history_path = model_dir / "history.csv"
+    _truncate_history(history_path, initial_epoch)
 
     def run_phase(phase_no: int, first: int, last: int):
         guard = NaNGuard()
@@ -364,6 +365,24 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
 def _cache(value: str):
     return {"memory": True, "none": False}.get(value, value)
+
+
+def _truncate_history(path: Path, first_epoch: int) -> None:
+    """Drops history rows of epochs that will run again (a kill between writes)."""
+    if not path.exists():
+        return
+    with open(path) as handle:
+        rows = list(csv.DictReader(handle))
+    kept = [r for r in rows if int(r["epoch"]) < first_epoch]
+    if len(kept) == len(rows):
+        return
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w", newline="") as handle:
+        if kept:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(kept)
+    os.replace(tmp, path)
 
 
 def _read_history(path: Path) -> list[dict[str, float]]:

@@ -81,6 +81,9 @@ def test_resume_after_kill_continues_from_last_epoch(prepared, tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert json.loads((out / "resume" / "state.json").read_text())["epoch"] == 1
     assert not (out / "run.json").exists()
+    # A row of an epoch that will run again (killed after the CSV, before the state).
+    with open(out / "history.csv", "a") as handle:
+        handle.write("2" + ",0" * (len(open(out / "history.csv").readline().split(",")) - 1) + "\n")
     run = train(config)
     assert epochs_in(out / "history.csv") == [0, 1, 2]  # epoch 3 only, once
     assert len(run["history"]) == 3
