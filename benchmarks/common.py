@@ -27,6 +27,17 @@ def class_root(source_dir: str) -> str:
     return str(next(iter(folders.values())).parent)
 
 
+def define_common_flags() -> None:
+    """The flags every model-facing benchmark shares (data, sizes, outputs)."""
+    from absl import flags
+    flags.DEFINE_string("source_dir", None, "Image folder (default: the embedded dataset).")
+    flags.DEFINE_integer("image_size", 150, "Model input size.")
+    flags.DEFINE_integer("batch_size", 32, "Batch size.")
+    flags.DEFINE_bool("plot", False, "Also write a bar chart PNG.")
+    flags.DEFINE_string("output_dir", None, "Results folder (default benchmarks/results).")
+    flags.DEFINE_string("name", None, "Result file name (default from the source folder).")
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

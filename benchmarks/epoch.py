@@ -25,14 +25,9 @@ from absl import app, flags
 from benchmarks import common
 from benchmarks.common import OLD_AUGMENTATION, class_root
 
-flags.DEFINE_string("source_dir", None, "Image folder (default: the embedded dataset).")
-flags.DEFINE_integer("image_size", 150, "Input size.")
-flags.DEFINE_integer("batch_size", 32, "Batch size.")
 flags.DEFINE_integer("epochs", 2, "Epochs to time for each recipe.")
 flags.DEFINE_integer("max_images", 0, "Cap on images per epoch (0: the whole train folder).")
-flags.DEFINE_bool("plot", False, "Also write a bar chart PNG.")
-flags.DEFINE_string("output_dir", None, "Results folder (default benchmarks/results).")
-flags.DEFINE_string("name", None, "Result file name (default from the source folder).")
+common.define_common_flags()
 FLAGS = flags.FLAGS
 
 

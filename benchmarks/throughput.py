@@ -30,14 +30,9 @@ from absl import app, flags
 from benchmarks import common
 from benchmarks.common import OLD_AUGMENTATION, class_root
 
-flags.DEFINE_string("source_dir", None, "Image folder (default: the embedded dataset).")
-flags.DEFINE_integer("image_size", 150, "Model input size.")
-flags.DEFINE_integer("batch_size", 32, "Batch size.")
 flags.DEFINE_integer("repeats", 3, "Timed repeats per row.")
 flags.DEFINE_float("seconds", 3.0, "Minimum seconds per timed repeat.")
-flags.DEFINE_bool("plot", False, "Also write a bar chart PNG.")
-flags.DEFINE_string("output_dir", None, "Results folder (default benchmarks/results).")
-flags.DEFINE_string("name", None, "Result file name (default from the source folder).")
+common.define_common_flags()
 FLAGS = flags.FLAGS
 
 def measure(iterator_factory, seconds: float, repeats: int, batch_size: int,

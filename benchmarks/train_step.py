@@ -23,20 +23,15 @@ from absl import app, flags
 
 from benchmarks import common
 
-flags.DEFINE_string("source_dir", None, "Image folder (default: the embedded dataset).")
 flags.DEFINE_list("models", ["manual_cnn", "vgg16", "resnet50"], "Models to time.")
 flags.DEFINE_list("precisions", ["float32", "mixed_bfloat16", "mixed_float16"],
                   "Dtype policies to time.")
 flags.DEFINE_list("jit", ["false", "true"], "XLA settings to time.")
-flags.DEFINE_integer("image_size", 150, "Input size.")
-flags.DEFINE_integer("batch_size", 32, "Batch size.")
 flags.DEFINE_integer("steps", 5, "Steps per timed window.")
 flags.DEFINE_integer("warmup_steps", 2, "Untimed steps after compilation.")
 flags.DEFINE_integer("repeats", 2, "Timed windows per cell.")
 flags.DEFINE_bool("pipeline", True, "Also time with the real pipeline feeding.")
-flags.DEFINE_bool("plot", False, "Also write a bar chart PNG.")
-flags.DEFINE_string("output_dir", None, "Results folder (default benchmarks/results).")
-flags.DEFINE_string("name", None, "Result file name (default from the source folder).")
+common.define_common_flags()
 FLAGS = flags.FLAGS
 
 
