@@ -64,17 +64,19 @@ def grad_cam(model: keras.Model, images, layer_name: str | None = None,
         with tf.GradientTape() as tape:
             feature, prob = forward(images, tape)
             target = tf.reduce_sum(prob)
+        if feature is None:
+            raise ValueError(f"{model.name} has no top-level layer {layer_name!r}; for a layer "
+                             f"inside a backbone pass backbone= as well")
         grads = tape.gradient(target, feature)
     else:
-        split = keras.Model(backbone.inputs,
-                            [backbone.get_layer(layer_name).output, backbone.output])
-        head = [l for l in model.layers[1:]]
+        to_feature = keras.Model(backbone.inputs, backbone.get_layer(layer_name).output)
+        head = list(model.layers[1:])
         index = head.index(backbone)
         with tf.GradientTape() as tape:
             x = images
             for layer in head[:index]:
                 x = layer(x, training=False)
-            feature, _ = split(x, training=False)
+            feature = to_feature(x, training=False)
             feature = tf.cast(feature, tf.float32)
             tape.watch(feature)
             # The backbone's remaining layers after `layer_name`, applied to the map.
