@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +28,25 @@ def class_root(source_dir: str) -> str:
     layout = sources.detect_layout(Path(source_dir))
     folders = layout.get("train") or layout.get(None) or next(iter(layout.values()))
     return str(next(iter(folders.values())).parent)
+
+
+@contextlib.contextmanager
+def prepared_train_folder(source_dir: str, prefix: str):
+    """Prepares the folder the old recipe reads (the class folders under ``train``,
+    every image in pneumo's train split) into a temporary data_dir.
+
+    Yields (data_dir, manifest, prepare seconds); the folder is removed afterwards.
+    """
+    from pneumo_data.prepare import PrepareConfig, prepare
+    work = tempfile.mkdtemp(prefix=prefix)
+    try:
+        start = time.perf_counter()
+        m = prepare(PrepareConfig(source_dir=class_root(source_dir), output_dir=work,
+                                  progress=False, val_fraction=0.0, test_fraction=0.0,
+                                  resplit="all"))
+        yield work, m, time.perf_counter() - start
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def define_common_flags() -> None:

@@ -15,8 +15,6 @@ reported separately: it is paid once per dataset, not per epoch.
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -83,24 +81,17 @@ def main(argv):
     del argv
     import tensorflow  # noqa: F401
     from pneumo_data import synthetic
-    from pneumo_data.prepare import PrepareConfig, prepare
     source_dir = FLAGS.source_dir or str(synthetic.default_dataset_dir())
     root = class_root(source_dir)
     size, batch = FLAGS.image_size, FLAGS.batch_size
-    work = tempfile.mkdtemp(prefix="pneumo-bench-epoch-")
-    try:
-        start = time.perf_counter()
-        m = prepare(PrepareConfig(source_dir=root, output_dir=work, progress=False,
-                                  val_fraction=0.0, test_fraction=0.0, resplit="all"))
-        prepare_seconds = time.perf_counter() - start
+    with common.prepared_train_folder(source_dir, "pneumo-bench-epoch-") as (
+            work, m, prepare_seconds):
         images = m.count("train")
         if FLAGS.max_images:
             images = min(images, FLAGS.max_images)
         steps = max(1, math.ceil(images / batch))
         old = old_recipe(root, size, batch, steps, FLAGS.epochs)
         ours, policy, jit = pneumo_recipe(work, size, batch, steps, FLAGS.epochs)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     rows = [["old recipe (ImageDataGenerator + tf_keras, float32, RGB)"]
             + [f"{t:.1f}" for t in old] + [f"{steps * batch / old[-1]:.0f}"],
             [f"pneumo defaults ({policy}, XLA {'on' if jit else 'off'}, device augmentation)"]

@@ -19,9 +19,7 @@ warp against the chain of five keras-cv layers.
 
 from __future__ import annotations
 
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -151,16 +149,11 @@ def main(argv):
     del argv
     import tensorflow as tf  # noqa: F401
     from pneumo_data import synthetic
-    from pneumo_data.prepare import PrepareConfig, prepare
     source_dir = FLAGS.source_dir or str(synthetic.default_dataset_dir())
     size, batch = FLAGS.image_size, FLAGS.batch_size
     root = class_root(source_dir)
-    work = tempfile.mkdtemp(prefix="pneumo-bench-throughput-")
-    try:
-        start = time.perf_counter()
-        m = prepare(PrepareConfig(source_dir=root, output_dir=work, progress=False,
-                                  val_fraction=0.0, test_fraction=0.0, resplit="all"))
-        prepare_seconds = time.perf_counter() - start
+    with common.prepared_train_folder(source_dir, "pneumo-bench-throughput-") as (
+            work, m, prepare_seconds):
         train_images = m.count("train")
         cache_fill = max(2, train_images // batch + 2)  # warm-up covers the first (caching) epoch
         rows = [
@@ -180,8 +173,6 @@ def main(argv):
             results[name] = measure(factory, FLAGS.seconds, FLAGS.repeats, batch, warmup)
             print(f"{name}: {results[name]['median']:,.0f} img/s", flush=True)
         aug = augmentation_alone(size, batch, FLAGS.seconds, FLAGS.repeats)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
     base = results[rows[0][0]]["median"]
     top = results[rows[-1][0]]["median"]
