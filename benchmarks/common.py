@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from pneumo_data.atomic import replacing, write_text
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # The old recipe's ImageDataGenerator augmentation (shear_range is in degrees there).
@@ -144,10 +146,7 @@ def write_results(name: str, output_dir: str | None, payload: dict[str, Any],
               f"TF {env.get('tensorflow', '?')}, Keras {env.get('keras', '?')}, {env.get('date', '?')}")
     for suffix, text in ((".json", json.dumps(payload, indent=1) + "\n"),
                          (".md", header + "\n\n" + table + "\n")):
-        path = out / f"{name}{suffix}"
-        tmp = path.with_name(path.name + ".partial")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text(out / f"{name}{suffix}", text)
     print(header + "\n\n" + table, flush=True)
     return out / f"{name}.json"
 
@@ -169,8 +168,7 @@ def bar_chart(path: Path, values: dict[str, float], unit: str, title: str) -> Pa
         ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {values[label]:,.0f}",
                 va="center", fontsize=8)
     fig.tight_layout()
-    partial = Path(path).with_name(Path(path).name + ".partial.png")
-    fig.savefig(partial, dpi=100)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(partial, path)
     return Path(path)

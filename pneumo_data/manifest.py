@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pneumo_data.atomic import write_text
 from pneumo_data.shards import file_sha256
 
 MANIFEST_NAME = "manifest.json"
@@ -122,12 +123,4 @@ def load_manifest(data_dir: str | os.PathLike) -> Manifest:
 
 def write_manifest(data_dir: Path, data: dict[str, Any]) -> Path:
     """Writes the manifest atomically (temporary file, fsync, rename)."""
-    path = Path(data_dir) / MANIFEST_NAME
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "w") as handle:
-        json.dump(data, handle, indent=1, sort_keys=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
-    return path
+    return write_text(Path(data_dir) / MANIFEST_NAME, json.dumps(data, indent=1) + "\n")

@@ -163,7 +163,7 @@ def _source_fingerprint(found: list[sources.SourceFile]) -> str:
 
 def _our_files(output_dir: Path) -> list[Path]:
     patterns = (f"*{shards.SHARD_SUFFIX}", f"*{shards.SHARD_SUFFIX}.partial",
-                manifest.MANIFEST_NAME + ".partial")
+                "manifest.partial.json")
     return sorted(p for pattern in patterns for p in output_dir.glob(pattern))
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from absl import app, flags
 
 from pneumo_data import decode
+from pneumo_data.atomic import replacing
 from pneumo_data.augment import AffineParams
 
 flags.DEFINE_string("image", None, "Image file (default: one from the embedded dataset).")
@@ -50,13 +51,10 @@ def write_grid(images: np.ndarray, output: str | os.PathLike, title: str) -> Pat
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(output.name + ".partial.png")
-    fig.savefig(partial, dpi=100)
+    with replacing(output) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(partial, output)
-    return output
+    return Path(output)
 
 
 def main(argv):

@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pneumo_data.atomic import write_text
 from pneumo_data.flagconfig import config_to_dict, option
+from pneumo_data.shards import file_sha256
 from pneumo_eval import metrics as metrics_lib
 
 log = logging.getLogger("pneumo.evaluate")
@@ -80,14 +80,6 @@ def predict_split(model, data_dir, split: str, batch_size: int) -> Predictions:
         raise EvaluateError(f"split {split!r} of {data_dir} holds no images")
     return Predictions(np.concatenate(labels), np.concatenate(scores), np.array(patients),
                        np.array(subtypes), np.array(paths))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _pick_examples(pred: Predictions, threshold: float, k: int) -> list[tuple[str, int]]:
@@ -185,11 +177,11 @@ def evaluate_model(model_dir: Path, config: EvaluateConfig, out: Path) -> dict[s
     report = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": {"dir": str(model_dir.resolve()), "name": name,
-                  "file_sha256": _sha256(model_path), "precision": run.get("precision"),
+                  "file_sha256": file_sha256(model_path), "precision": run.get("precision"),
                   "trained": {k: run.get(k) for k in ("tensorflow", "keras", "train_counts")}},
         "data": {"dir": str(Path(data_dir).resolve()), "split": config.split,
                  "manifest_created": m.data["created"],
-                 "manifest_sha256": _sha256(Path(data_dir) / manifest_lib.MANIFEST_NAME),
+                 "manifest_sha256": file_sha256(Path(data_dir) / manifest_lib.MANIFEST_NAME),
                  "images": int(pred.labels.size), "patients": int(len(set(pred.patients))),
                  "positives": int(pred.labels.sum())},
         "threshold": {"policy": choice.policy, "value": t, "chosen_on": choice.chosen_on,
@@ -207,17 +199,11 @@ def evaluate_model(model_dir: Path, config: EvaluateConfig, out: Path) -> dict[s
         "options": config_to_dict(config),
     }
     report = metrics_lib.json_ready(report)
-    _write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
-    _write_text(out / "report.md", report_markdown(report))
+    write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
+    write_text(out / "report.md", report_markdown(report))
     np.savez_compressed(out / "predictions.npz", labels=pred.labels, scores=pred.scores,
                         patients=pred.patients, subtypes=pred.subtypes, paths=pred.paths)
     return report
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _fmt(entry: dict | None) -> str:
@@ -297,8 +283,8 @@ def evaluate(config: EvaluateConfig) -> list[dict[str, Any]]:
     if several:
         base = root or Path(".")
         base.mkdir(parents=True, exist_ok=True)
-        _write_text(base / "comparison.md", comparison_markdown(reports))
-        _write_text(base / "comparison.json", json.dumps(reports, indent=1) + "\n")
+        write_text(base / "comparison.md", comparison_markdown(reports))
+        write_text(base / "comparison.json", json.dumps(reports, indent=1) + "\n")
         print(comparison_markdown(reports))
     return reports
 

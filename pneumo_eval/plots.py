@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import precision_recall_curve, roc_curve
 
+from pneumo_data.atomic import replacing
 from pneumo_eval.metrics import confusion
 
 
@@ -20,13 +20,10 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial.png")
-    fig.savefig(partial, dpi=110, bbox_inches="tight")
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
     _plt().close(fig)
-    os.replace(partial, path)
-    return path
+    return Path(path)
 
 
 def confusion_matrix_png(y, s, threshold: float, path, title: str = "") -> Path:

@@ -18,11 +18,11 @@ import csv
 import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 
+from pneumo_data.atomic import replacing
 from pneumo_data.flagconfig import option
 
 log = logging.getLogger("pneumo.predict")
@@ -115,14 +115,11 @@ def predict(config: PredictConfig) -> Path:
             flush()
     flush()
     out = Path(config.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    with open(tmp, "w", newline="") as handle:
+    with replacing(out) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["path", "probability", "decision",
                                                     "threshold", "error"])
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, out)
     bad = sum(1 for r in rows if r["error"])
     log.info("wrote %s: %d predictions, %d unreadable", out, len(rows) - bad, bad)
     return out

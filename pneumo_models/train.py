@@ -25,7 +25,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -33,6 +32,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from pneumo_data.atomic import replacing, write_text
 from pneumo_data.flagconfig import config_to_dict, config_to_flagfile, option
 from pneumo_data.pipeline import AUGMENT_MODES
 from pneumo_models.models import MODELS
@@ -167,19 +167,15 @@ def _callbacks_module():
         def on_epoch_end(self, epoch, logs=None):
             if self.guard.where is not None:
                 return
-            self.directory.mkdir(parents=True, exist_ok=True)
-            tmp = self.directory / "model.partial.keras"
-            self.model.save(tmp)
-            os.replace(tmp, self.directory / "model.keras")
+            with replacing(self.directory / "model.keras") as tmp:
+                self.model.save(tmp)
             _write_json(self.directory / "state.json", {"epoch": epoch, "phase": self.phase})
 
     return Throughput, NaNGuard, Resume
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=1, default=str) + "\n")
 
 
 def _best_so_far(history: Path, key: str = "val_auc") -> float | None:
@@ -209,11 +205,9 @@ def _check_model_dir(config: TrainConfig, model_dir: Path) -> bool:
     return (model_dir / "run.json").exists()
 
 
-def _data_dir(config: TrainConfig, model_dir: Path) -> Path:
-    from pneumo_data import manifest
-    if config.data_dir:
-        m = manifest.load_manifest(config.data_dir)
-    else:
+def _prepared(config: TrainConfig, model_dir: Path, m):
+    """The manifest of the run's data: ``m`` (from --data_dir) or a fresh prepare."""
+    if m is None:
         from pneumo_data.prepare import PrepareConfig, prepare
         m = prepare(PrepareConfig(source_dir=config.source_dir,
                                   output_dir=str(model_dir / "data"), seed=config.seed))
@@ -221,7 +215,7 @@ def _data_dir(config: TrainConfig, model_dir: Path) -> Path:
         if split not in m.splits:
             raise TrainError(f"{m.data_dir} has no {split!r} split; re-run prepare with a "
                              f"non-zero --val_fraction")
-    return m.data_dir
+    return m
 
 
 def _compile(model, learning_rate: float, jit: bool):
@@ -243,15 +237,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if _check_model_dir(config, model_dir):
         log.info("%s already holds this complete run; nothing to do", model_dir)
         return json.loads((model_dir / "run.json").read_text())
+    given = None
     if config.data_dir:  # a bad data_dir fails before anything is written
         from pneumo_data import manifest
-        manifest.load_manifest(config.data_dir)
+        given = manifest.load_manifest(config.data_dir)
 
     import keras
     import tensorflow as tf
 
     import pneumo_data
-    from pneumo_data import manifest as manifest_lib
     from pneumo_models import models
     from pneumo_models.export import export_serving
     from pneumo_models.precision import resolve_jit, resolve_precision
@@ -260,9 +254,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     jit = resolve_jit(config.jit_compile)
     model_dir.mkdir(parents=True, exist_ok=True)
     _write_json(model_dir / "config.json", config_to_dict(config))
-    (model_dir / "config.flags").write_text(config_to_flagfile(config))
-    data_dir = _data_dir(config, model_dir)
-    m = manifest_lib.load_manifest(data_dir)
+    write_text(model_dir / "config.flags", config_to_flagfile(config))
+    m = _prepared(config, model_dir, given)
+    data_dir = m.data_dir
     keras.utils.set_random_seed(config.seed)
     log.info("model %s, precision %s, XLA %s, augment %s, balance %s, data %s",
              config.model, precision, jit, config.augment, config.balance, data_dir)
@@ -275,7 +269,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         loss_weights = {i: 1.0 / (len(counts) * natural[c]) for i, c in enumerate(m.classes)}
     train_ds = pneumo_data.train_dataset(
         data_dir, batch_size=config.batch_size, image_size=config.image_size,
-        class_weights=stream_weights, augment=config.augment, cache=_cache(config.cache),
+        class_weights=stream_weights, augment=config.augment, cache=config.cache,
         seed=config.seed)
     val_ds = pneumo_data.eval_dataset(data_dir, "val", batch_size=config.batch_size,
                                       image_size=config.image_size)
@@ -343,9 +337,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     best_path = model_dir / "best.keras"
     final = keras.models.load_model(best_path) if best_path.exists() else model
-    tmp = model_dir / "model.partial.keras"
-    final.save(tmp)
-    os.replace(tmp, model_dir / "model.keras")
+    with replacing(model_dir / "model.keras") as tmp:
+        final.save(tmp)
     export_serving(final, model_dir / "export")
     metrics = final.evaluate(val_ds, verbose=0, return_dict=True)
     run = {
@@ -363,10 +356,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
     return run
 
 
-def _cache(value: str):
-    return {"memory": True, "none": False}.get(value, value)
-
-
 def _truncate_history(path: Path, first_epoch: int) -> None:
     """Drops history rows of epochs that will run again (a kill between writes)."""
     if not path.exists():
@@ -376,13 +365,11 @@ def _truncate_history(path: Path, first_epoch: int) -> None:
     kept = [r for r in rows if int(r["epoch"]) < first_epoch]
     if len(kept) == len(rows):
         return
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w", newline="") as handle:
+    with replacing(path) as tmp, open(tmp, "w", newline="") as handle:
         if kept:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(kept)
-    os.replace(tmp, path)
 
 
 def _read_history(path: Path) -> list[dict[str, float]]:
