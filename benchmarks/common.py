@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from pneumo_data.atomic import replacing, write_text
+from pneumo_data.common.errors import UserError
+from pneumo_data.common.files import replacing, write_text
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -74,8 +75,8 @@ def cpu_model() -> str:
 
 def environment() -> dict[str, Any]:
     """Device, versions, CPU and GPU facts recorded with every result."""
-    import tensorflow as tf
     import keras
+    import tensorflow as tf
     gpus = tf.config.list_physical_devices("GPU")
     gpu_names = []
     for gpu in gpus:
@@ -83,7 +84,6 @@ def environment() -> dict[str, Any]:
         gpu_names.append(details.get("device_name", gpu.name))
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(),
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
@@ -135,15 +135,54 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+SOFTWARE_TAG = "pneumo benchmarks"
+
+
+def _ours(path: Path) -> bool:
+    """True when ``path`` is a result file a pneumo benchmark wrote (or does not exist)."""
+    if not path.exists():
+        return True
+    if path.suffix == ".json":
+        try:
+            return "environment" in json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError, TypeError):
+            return False
+    if path.suffix == ".md":
+        return path.read_text(errors="replace").startswith("`")
+    if path.suffix == ".png":
+        from PIL import Image
+        try:
+            with Image.open(path) as image:
+                return image.info.get("Software") == SOFTWARE_TAG
+        except OSError:
+            return False
+    return False
+
+
+def check_writable(*paths: Path) -> None:
+    """Refuses (before any measuring) to replace files that are not benchmark results."""
+    for path in paths:
+        if path.is_dir() or not _ours(path):
+            raise UserError(f"{path} exists and was not written by a pneumo benchmark; not "
+                            f"replacing it. Choose another --output_dir or --name")
+
+
+def result_paths(name: str, output_dir: str | None, plot: bool = False) -> list[Path]:
+    out = Path(output_dir) if output_dir else RESULTS_DIR
+    return [out / f"{name}{suffix}" for suffix in (".json", ".md", ".png")[:3 if plot else 2]]
+
+
 def write_results(name: str, output_dir: str | None, payload: dict[str, Any],
                   table: str) -> Path:
     """Writes ``<name>.json`` and ``<name>.md`` (atomically) and prints the table."""
     out = Path(output_dir) if output_dir else RESULTS_DIR
+    check_writable(*result_paths(name, output_dir))
     out.mkdir(parents=True, exist_ok=True)
     env = payload.get("environment", {})
+    gpus = ", " + ", ".join(env["gpus"]) if env.get("gpus") else ""
     header = (f"`{name}` on {env.get('device', '?')} ({env.get('cpu', '?')}, "
-              f"{env.get('cores', '?')} cores{', ' + ', '.join(env['gpus']) if env.get('gpus') else ''}), "
-              f"TF {env.get('tensorflow', '?')}, Keras {env.get('keras', '?')}, {env.get('date', '?')}")
+              f"{env.get('cores', '?')} cores{gpus}), TF {env.get('tensorflow', '?')}, "
+              f"Keras {env.get('keras', '?')}, {env.get('date', '?')}")
     for suffix, text in ((".json", json.dumps(payload, indent=1) + "\n"),
                          (".md", header + "\n\n" + table + "\n")):
         write_text(out / f"{name}{suffix}", text)
@@ -168,7 +207,8 @@ def bar_chart(path: Path, values: dict[str, float], unit: str, title: str) -> Pa
         ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {values[label]:,.0f}",
                 va="center", fontsize=8)
     fig.tight_layout()
+    check_writable(Path(path))
     with replacing(path) as tmp:
-        fig.savefig(tmp, dpi=100)
+        fig.savefig(tmp, dpi=100, metadata={"Software": SOFTWARE_TAG})
     plt.close(fig)
     return Path(path)

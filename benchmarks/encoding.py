@@ -22,6 +22,7 @@ FLAGS = flags.FLAGS
 
 def main(_):
     import tensorflow as tf
+
     from pneumo_data import synthetic
     source_dir = FLAGS.source_dir or str(synthetic.default_dataset_dir())
     found = [f for f in sources.find_sources(source_dir) if not f.hidden]
@@ -43,7 +44,7 @@ def main(_):
             return tf.io.decode_png(blob, channels=1)
 
         ds = tf.data.Dataset.from_tensor_slices(blobs).repeat(5).map(parse, num_parallel_calls=2)
-        timing = common.repeat_timing(lambda: sum(1 for _ in ds), repeats=3)
+        timing = common.repeat_timing(lambda ds=ds: sum(1 for _ in ds), repeats=3)
         error = float(np.mean([np.abs(parse(b).numpy()[..., 0].astype(int) - a).mean()
                                for a, b in zip(arrays, blobs)]))
         kib = float(np.mean([len(b) for b in blobs]) / 1024)

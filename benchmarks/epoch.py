@@ -61,6 +61,7 @@ def old_recipe(root: str, size: int, batch: int, steps: int, epochs: int) -> lis
 
 def pneumo_recipe(data_dir: str, size: int, batch: int, steps: int, epochs: int) -> tuple:
     import keras
+
     import pneumo_data
     from pneumo_models.models import build_model
     from pneumo_models.precision import resolve_jit, resolve_precision
@@ -80,6 +81,7 @@ def pneumo_recipe(data_dir: str, size: int, batch: int, steps: int, epochs: int)
 def main(argv):
     del argv
     import tensorflow  # noqa: F401
+
     from pneumo_data import synthetic
     source_dir = FLAGS.source_dir or str(synthetic.default_dataset_dir())
     root = class_root(source_dir)

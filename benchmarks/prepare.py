@@ -22,12 +22,13 @@ FLAGS = flags.FLAGS
 
 def main(_):
     import tensorflow  # noqa: F401  (import cost is start-up, not ingest)
+
     from pneumo_data import synthetic
     source_dir = FLAGS.source_dir or str(synthetic.default_dataset_dir())
     results, rows = {}, []
     for workers in (1, 0):
         for fast_jpeg in (False, True):
-            def run():
+            def run(workers=workers, fast_jpeg=fast_jpeg):
                 out = tempfile.mkdtemp(prefix="pneumo-bench-prepare-")
                 try:
                     m = prepare(PrepareConfig(source_dir=source_dir, output_dir=out,

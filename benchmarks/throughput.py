@@ -89,6 +89,7 @@ def keras_directory_recipe(root: str, size: int, batch: int):
 
 def pneumo_stream(data_dir: str, size: int, batch: int, augment: str, on_device: bool = False):
     import tensorflow as tf
+
     import pneumo_data
     from pneumo_data.augment import RandomAffine
     layer = RandomAffine()
@@ -109,6 +110,7 @@ def pneumo_stream(data_dir: str, size: int, batch: int, augment: str, on_device:
 
 def ceiling(data_dir: str, size: int, batch: int):
     import tensorflow as tf
+
     import pneumo_data
     first = next(iter(pneumo_data.train_dataset(data_dir, batch_size=batch, image_size=size,
                                                 augment="none")))
@@ -118,6 +120,7 @@ def ceiling(data_dir: str, size: int, batch: int):
 def augmentation_alone(size: int, batch: int, seconds: float, repeats: int) -> dict:
     import numpy as np
     import tensorflow as tf
+
     from pneumo_data.augment import RandomAffine
     images = tf.constant(np.random.default_rng(0).uniform(0, 255, (batch, size, size, 1)),
                          tf.float32)
@@ -148,6 +151,7 @@ def augmentation_alone(size: int, batch: int, seconds: float, repeats: int) -> d
 def main(argv):
     del argv
     import tensorflow as tf  # noqa: F401
+
     from pneumo_data import synthetic
     source_dir = FLAGS.source_dir or str(synthetic.default_dataset_dir())
     size, batch = FLAGS.image_size, FLAGS.batch_size

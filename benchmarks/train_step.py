@@ -55,6 +55,7 @@ def _rate(model, dataset, steps: int, warmup: int, repeats: int, batch: int) -> 
 def _note(precision: str) -> str:
     """Why a precision may be slow on this device (it is still timed)."""
     import tensorflow as tf
+
     from pneumo_models import precision as p
     on_cpu = not tf.config.list_physical_devices("GPU")
     if precision == "mixed_bfloat16" and on_cpu and not p.cpu_has_fast_bf16():
@@ -68,6 +69,7 @@ def run_cell(name, precision, jit, data_dir, size, batch, flags_) -> dict:
     import keras
     import numpy as np
     import tensorflow as tf
+
     import pneumo_data
     from pneumo_models.models import build_model
     keras.backend.clear_session()

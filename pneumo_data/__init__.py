@@ -9,21 +9,25 @@ Importing this package does not import TensorFlow; the pipeline functions do
 on first use.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = ["train_dataset", "eval_dataset", "steps_per_epoch", "eval_size", "PipelineConfig",
-           "RandomAffine", "AffineParams", "load_manifest"]
+_LAZY = {
+    "train_dataset": "pneumo_data.pipeline",
+    "train_dataset_from_config": "pneumo_data.pipeline",
+    "eval_dataset": "pneumo_data.pipeline",
+    "steps_per_epoch": "pneumo_data.pipeline",
+    "eval_size": "pneumo_data.pipeline",
+    "RandomAffine": "pneumo_data.augment",
+    "augment_batch": "pneumo_data.augment",
+    "PipelineConfig": "pneumo_data.config",
+    "AugmentConfig": "pneumo_data.config",
+    "load_manifest": "pneumo_data.manifest",
+}
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name):
-    if name in ("train_dataset", "eval_dataset", "steps_per_epoch", "eval_size",
-                "PipelineConfig", "train_dataset_from_config"):
-        from pneumo_data import pipeline
-        return getattr(pipeline, name)
-    if name in ("RandomAffine", "AffineParams", "augment_batch"):
-        from pneumo_data import augment
-        return getattr(augment, name)
-    if name == "load_manifest":
-        from pneumo_data.manifest import load_manifest
-        return load_manifest
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'pneumo_data' has no attribute {name!r}")

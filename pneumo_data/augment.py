@@ -8,7 +8,7 @@ zoom, shift and flip, the five matrices are composed into one, and the image is
 resampled once (bilinear, nearest-edge fill, as ImageDataGenerator did).
 
 Units are explicit (see the README for the ImageDataGenerator / keras-cv /
-Keras mapping):
+Keras mapping); the ranges live in :class:`pneumo_data.config.AugmentConfig`:
 
 ================= =========================================================
 parameter         meaning
@@ -28,7 +28,8 @@ Two places to run it:
 
 * :class:`RandomAffine`, a Keras layer (on keras-cv's
   ``VectorizedBaseImageAugmentationLayer``) active only when ``training=True``:
-  put it first in the model and it runs where the model runs (the GPU).
+  put it first in the model and it runs where the model runs (the GPU). It
+  takes dense batches and ragged batches of differently sized images.
 * :func:`augment_batch`, a plain function on a uint8 batch, mapped in tf.data
   (host mode), with stateless per-batch seeds so a seeded pipeline is
   reproducible.
@@ -48,67 +49,57 @@ import keras
 import tensorflow as tf
 from keras_cv.layers import VectorizedBaseImageAugmentationLayer
 
+from pneumo_data.config import AugmentConfig
+
 BACKENDS = ("kernel", "gather")
+N_DRAWS = 7  # theta, shear, zx, zy, tx (fraction), ty (fraction), flip sign
 
 
-@dataclasses.dataclass(frozen=True)
-class AffineParams:
-    """Augmentation ranges; the defaults reproduce the old ImageDataGenerator call."""
+def sample_draws(batch_size, params: AugmentConfig, seed) -> tf.Tensor:
+    """The random draws [B, 7] of a batch: one independent draw per image.
 
-    rotation_deg: float = 15.0
-    width_shift: float = 0.1
-    height_shift: float = 0.1
-    shear_deg: float = 0.1
-    zoom: float = 0.1
-    horizontal_flip: bool = True
-
-    def __post_init__(self):
-        for name in ("rotation_deg", "width_shift", "height_shift", "shear_deg", "zoom"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.zoom >= 1:
-            raise ValueError(f"zoom must be below 1 (scale 1-zoom must stay positive), got {self.zoom}")
-        if self.shear_deg >= 90 or self.rotation_deg > 180:
-            raise ValueError("shear_deg must be below 90 and rotation_deg at most 180")
-
-    @property
-    def is_identity(self) -> bool:
-        return not (self.rotation_deg or self.width_shift or self.height_shift
-                    or self.shear_deg or self.zoom or self.horizontal_flip)
-
-    @classmethod
-    def off(cls) -> "AffineParams":
-        return cls(0.0, 0.0, 0.0, 0.0, 0.0, False)
-
-
-def sample_transforms(batch_size, height: int, width: int, params: AffineParams,
-                      seed) -> tf.Tensor:
-    """Random projective transforms [B, 8] (output pixel -> input pixel), one per image.
-
-    ``seed`` is a shape [2] int tensor for the stateless random ops.
+    Columns: rotation and shear (radians), x and y zoom, x and y shift (fractions of
+    width and height), flip sign (+1 or -1). ``seed`` is a shape [2] int tensor for the
+    stateless random ops, so equal seeds give equal draws.
     """
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=7)
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=N_DRAWS)
     shape = tf.reshape(tf.cast(batch_size, tf.int32), [1])
 
     def uniform(i, low, high):
         return tf.random.stateless_uniform(shape, seeds[i], low, high, dtype=tf.float32)
 
     deg = math.pi / 180.0
-    theta = uniform(0, -params.rotation_deg * deg, params.rotation_deg * deg)
-    shear = uniform(1, -params.shear_deg * deg, params.shear_deg * deg)
-    zx = uniform(2, 1 - params.zoom, 1 + params.zoom)
-    zy = uniform(3, 1 - params.zoom, 1 + params.zoom)
-    tx = uniform(4, -params.width_shift, params.width_shift) * width
-    ty = uniform(5, -params.height_shift, params.height_shift) * height
-    if params.horizontal_flip:
-        flip = tf.where(uniform(6, 0.0, 1.0) < 0.5, -1.0, 1.0)
-    else:
-        flip = tf.ones(shape, tf.float32)
-    return compose(theta, shear, zx, zy, tx, ty, flip, height, width)
+    columns = [
+        uniform(0, -params.rotation_deg * deg, params.rotation_deg * deg),
+        uniform(1, -params.shear_deg * deg, params.shear_deg * deg),
+        uniform(2, 1 - params.zoom, 1 + params.zoom),
+        uniform(3, 1 - params.zoom, 1 + params.zoom),
+        uniform(4, -params.width_shift, params.width_shift),
+        uniform(5, -params.height_shift, params.height_shift),
+        (tf.where(uniform(6, 0.0, 1.0) < 0.5, -1.0, 1.0) if params.horizontal_flip
+         else tf.ones(shape, tf.float32)),
+    ]
+    return tf.stack(columns, axis=1)
 
 
-def compose(theta, shear, zx, zy, tx, ty, flip, height: int, width: int) -> tf.Tensor:
+def transforms_from_draws(draws: tf.Tensor, height, width) -> tf.Tensor:
+    """Projective transforms [B, 8] for images of ``height`` x ``width`` from draws [B, 7]."""
+    height = tf.cast(height, tf.float32)
+    width = tf.cast(width, tf.float32)
+    theta, shear, zx, zy, fx, fy, flip = tf.unstack(draws, axis=1)
+    return compose(theta, shear, zx, zy, fx * width, fy * height, flip, height, width)
+
+
+def sample_transforms(batch_size, height: int, width: int, params: AugmentConfig,
+                      seed) -> tf.Tensor:
+    """Random projective transforms [B, 8] (output pixel -> input pixel), one per image.
+
+    ``seed`` is a shape [2] int tensor for the stateless random ops.
+    """
+    return transforms_from_draws(sample_draws(batch_size, params, seed), height, width)
+
+
+def compose(theta, shear, zx, zy, tx, ty, flip, height, width) -> tf.Tensor:
     """One matrix per image: A = Rotation(theta) Shear(shear) Zoom(zx, zy) Flip, about the centre.
 
     An output pixel p maps to the input point c + A (p - c) + t, with c the
@@ -176,7 +167,7 @@ def _warp_gather(images: tf.Tensor, transforms: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.reshape(out, shape), dtype)
 
 
-def augment_batch(images: tf.Tensor, params: AffineParams, seed,
+def augment_batch(images: tf.Tensor, params: AugmentConfig, seed,
                   backend: str = "kernel") -> tf.Tensor:
     """Host-side augmentation of a uint8 batch [B, H, W, C]; returns uint8.
 
@@ -196,57 +187,81 @@ class RandomAffine(VectorizedBaseImageAugmentationLayer):
     """The fused affine augmentation as a Keras layer, active only in training.
 
     Built on keras-cv's ``VectorizedBaseImageAugmentationLayer`` for its batched
-    input handling (dicts, ragged inputs, labels passed through); the random
-    draw is this module's own stateless sampler (shared with host mode). keras-cv's base
-    layer always augments (it has no ``training`` switch; this layer adds
-    one). The per-batch seed comes from the base layer's ``tf.random.Generator``.
+    input handling (dicts, ragged batches, labels passed through); the random
+    draw is this module's own stateless sampler (shared with host mode), fed by a
+    Keras ``SeedGenerator`` whose state is a variable of the layer: a seeded layer
+    gives the same draws in every run, and a saved model resumes the sequence
+    where it stopped. keras-cv's base layer always augments (it has no
+    ``training`` switch; this layer adds one) and ignores a seed of 0 (this one
+    does not).
 
     Args:
       rotation_deg, width_shift, height_shift, shear_deg, zoom, horizontal_flip:
-        see :class:`AffineParams` (defaults: the old ImageDataGenerator call).
+        see :class:`pneumo_data.config.AugmentConfig` (defaults: the old
+        ImageDataGenerator call).
       backend: ``"kernel"`` (ImageProjectiveTransformV3) or ``"gather"``
         (XLA-compilable).
       seed: optional int for reproducible draws.
 
-    Input shape: ``[B, H, W, C]`` (any real dtype; uint8 is fine).
-    Output shape: ``[B, H, W, C]`` float32 in the input's value range.
+    Input shape: ``[B, H, W, C]`` (any real dtype; uint8 is fine), or a ragged
+    batch ``[B, None, None, C]`` of differently sized images.
+    Output shape: the input's, float32, in the input's value range.
     """
 
     def __init__(self, rotation_deg=15.0, width_shift=0.1, height_shift=0.1, shear_deg=0.1,
                  zoom=0.1, horizontal_flip=True, backend="kernel", seed=None, **kwargs):
         kwargs.setdefault("dtype", "float32")  # warp in float32 even under mixed precision
-        super().__init__(seed=seed, **kwargs)
-        self.params = AffineParams(rotation_deg, width_shift, height_shift, shear_deg, zoom,
-                                   horizontal_flip)
+        # The base layer's own tf.random.Generator is unused (draws come from the Keras
+        # SeedGenerator below); a fixed seed keeps it off the global generator, which TF
+        # refuses to create under op determinism.
+        super().__init__(seed=1, **kwargs)
+        self.params = AugmentConfig(rotation_deg, width_shift, height_shift, shear_deg, zoom,
+                                    horizontal_flip)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
         self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed, name="augment_seed")
 
     def get_random_transformation_batch(self, batch_size, images=None, **kwargs):
-        height, width = images.shape[1], images.shape[2]
-        if height is None or width is None:
-            shape = tf.shape(images)
-            height, width = shape[1], shape[2]
-        seed = self._random_generator.make_seeds(1)[:, 0]
-        return sample_transforms(batch_size, height, width, self.params, seed)
+        # Draws only: the matrix depends on each image's size, which a ragged batch
+        # knows per image (augment_ragged_image), a dense one per batch.
+        return sample_draws(batch_size, self.params, self.seed_generator.next())
 
     def augment_images(self, images, transformations, **kwargs):
-        return warp(images, transformations, self.backend)
+        shape = tf.shape(images)
+        return warp(images, transforms_from_draws(transformations, shape[1], shape[2]),
+                    self.backend)
 
     def augment_labels(self, labels, transformations, **kwargs):
         return labels
 
     def augment_ragged_image(self, image, transformation, **kwargs):
+        image = tf.cast(image, self.compute_dtype)
         return self.augment_images(image[None], transformation[None])[0]
 
     def call(self, inputs, training=None):
-        if not training or self.params.is_identity:
-            return tf.cast(inputs, self.compute_dtype) if tf.is_tensor(inputs) else inputs
-        return super().call(inputs)
+        active = training and not self.params.is_identity
+        if isinstance(inputs, dict):  # keras-cv's {"images": ..., "labels": ...} form
+            return super().call(inputs) if active else inputs
+        if not isinstance(inputs, tf.RaggedTensor):
+            inputs = tf.convert_to_tensor(inputs)
+        inputs = tf.cast(inputs, self.compute_dtype)
+        return super().call(inputs) if active else inputs
 
     def compute_output_shape(self, input_shape):
         return input_shape
+
+    # Keras saves a layer's own variables but not its seed generators' state; store it
+    # too, so a saved model (a resume checkpoint) continues the draws where they stopped.
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        store["seed_state"] = self.seed_generator.state.numpy()
+
+    def load_own_variables(self, store):
+        if "seed_state" in store:
+            self.seed_generator.state.assign(store["seed_state"][...])
+        super().load_own_variables({k: store[k] for k in store.keys() if k != "seed_state"})
 
     def get_config(self):
         config = super().get_config()

@@ -13,7 +13,6 @@ ingest job records it as a skip, never crashes on it.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import warnings
 
@@ -26,10 +25,6 @@ DEFAULT_MAX_PIXELS = 80_000_000  # about 9000x9000; the largest Kermany X-ray is
 
 class DecodeError(ValueError):
     """The file is not a decodable image; ``str(error)`` is the reason."""
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _to_grayscale(image: Image.Image) -> Image.Image:

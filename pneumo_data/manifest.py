@@ -14,19 +14,19 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pneumo_data.atomic import write_text
-from pneumo_data.shards import file_sha256
+from pneumo_data.common.errors import UserError
+from pneumo_data.common.files import file_sha256
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "pneumo-manifest"
 FORMAT_VERSION = 1
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """A data_dir without a usable manifest, or a split/class it does not have."""
 
 
-class ShardIntegrityError(ValueError):
+class ShardIntegrityError(UserError):
     """A shard is missing, truncated or fails its checksum."""
 
 
@@ -100,11 +100,47 @@ def verify_shard(path: Path, entry: dict[str, Any], checksum: bool = True) -> No
         raise ShardIntegrityError(f"shard {path} fails its sha256 checksum (corrupted or modified)")
 
 
+def _check_schema(path: Path, data: Any) -> None:
+    """Raises ManifestError naming the first key a reader needs that is missing or malformed."""
+    def bad(what: str):
+        raise ManifestError(f"{path} is damaged or not written by this version of pneumo: {what}. "
+                            f"Prepare the data again (python -m pneumo_data.prepare)")
+    if not isinstance(data, dict):
+        bad(f"expected a JSON object, found a JSON {type(data).__name__}")
+    if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
+        raise ManifestError(
+            f"{path} is not a {FORMAT} v{FORMAT_VERSION} manifest "
+            f"(format={data.get('format')!r}, version={data.get('format_version')!r})")
+    for key, kind in (("classes", list), ("counts", dict), ("shards", dict), ("image", dict),
+                      ("files", list), ("options", dict), ("source", dict)):
+        if not isinstance(data.get(key), kind):
+            bad(f"key {key!r} is missing or not a JSON {kind.__name__}")
+    image = data["image"]
+    if not (isinstance(image.get("size"), int) and image["size"] > 0):
+        bad("image.size is missing or not a positive integer")
+    if image.get("encoding") not in ("raw", "jpeg", "png"):
+        bad(f"image.encoding {image.get('encoding')!r} is not raw, jpeg or png")
+    for split, by_class in data["shards"].items():
+        if not isinstance(by_class, dict) or not isinstance(data["counts"].get(split), dict):
+            bad(f"split {split!r} has no shard table or no counts")
+        for label, entries in by_class.items():
+            if not isinstance(entries, list):
+                bad(f"shards of {split}/{label} are not a list")
+            for entry in entries:
+                if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)
+                        and isinstance(entry.get("records"), int)
+                        and isinstance(entry.get("bytes"), int)
+                        and isinstance(entry.get("sha256"), str)):
+                    bad(f"a shard entry of {split}/{label} lacks file, records, bytes or sha256")
+                if Path(entry["file"]).name != entry["file"]:
+                    bad(f"shard file name {entry['file']!r} is not a plain file name")
+
+
 def load_manifest(data_dir: str | os.PathLike) -> Manifest:
     data_dir = Path(data_dir)
     path = data_dir / MANIFEST_NAME
     if not data_dir.is_dir():
-        raise ManifestError(f"data_dir {data_dir} does not exist")
+        raise ManifestError(f"data_dir {data_dir} does not exist or is not a folder")
     if not path.exists():
         raise ManifestError(
             f"{data_dir} has no {MANIFEST_NAME}: it is not a prepared dataset (or its "
@@ -112,15 +148,13 @@ def load_manifest(data_dir: str | os.PathLike) -> Manifest:
             f"--source_dir=<images> --output_dir={data_dir}")
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ManifestError(f"{path} is not valid JSON: {error}") from None
-    if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
-        raise ManifestError(
-            f"{path} is not a {FORMAT} v{FORMAT_VERSION} manifest "
-            f"(format={data.get('format')!r}, version={data.get('format_version')!r})")
+    _check_schema(path, data)
     return Manifest(data_dir=data_dir, data=data)
 
 
-def write_manifest(data_dir: Path, data: dict[str, Any]) -> Path:
-    """Writes the manifest atomically (temporary file, fsync, rename)."""
-    return write_text(Path(data_dir) / MANIFEST_NAME, json.dumps(data, indent=1) + "\n")
+def write_manifest(out, data: dict[str, Any]) -> Path:
+    """Writes the manifest into OutputDir ``out`` atomically (partial file, fsync, rename)."""
+    _check_schema(out.path / MANIFEST_NAME, data)
+    return out.write_text(MANIFEST_NAME, json.dumps(data, indent=1) + "\n")

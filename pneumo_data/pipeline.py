@@ -36,7 +36,6 @@ tf.data options set on purpose:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Mapping
 
@@ -45,37 +44,14 @@ import tensorflow as tf
 from pneumo_data import augment as augment_lib
 from pneumo_data import manifest as manifest_lib
 from pneumo_data import shards
-from pneumo_data.flagconfig import option
+from pneumo_data.common.errors import UserError
+from pneumo_data.config import AUGMENT_MODES, AugmentConfig, PipelineConfig
 
 AUTOTUNE = tf.data.AUTOTUNE
-AUGMENT_MODES = ("device", "host", "none")
 MAX_SHUFFLE_BUFFER = 20_000
 
-
-@dataclasses.dataclass(frozen=True)
-class PipelineConfig:
-    """Everything that shapes the stream; the training job's flags map onto it."""
-
-    batch_size: int = option(32, "Global batch size.")
-    image_size: int = option(150, "Side of the square images fed to the model.")
-    class_weights: str | None = option(
-        None, "Target class mix of the training stream, e.g. 'normal=1,pneumonia=1' "
-              "(empty: balanced).")
-    augment: str = option("device", "Where the affine augmentation runs: device (in the "
-                                    "model), host (in tf.data) or none.",
-                          choices=AUGMENT_MODES)
-    cache: str = option("memory", "Cache decoded images: memory, none, or a file path prefix.")
-    seed: int | None = option(None, "Seed of shuffling, sampling and host augmentation.")
-    deterministic: bool = option(False, "Reproducible element order (slower).")
-    verify_checksums: bool = option(True, "Check each shard's sha256 before streaming it.")
-
-    def validate(self) -> None:
-        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if not isinstance(self.image_size, int) or self.image_size <= 0:
-            raise ValueError(f"image_size must be a positive integer, got {self.image_size!r}")
-        if self.augment not in AUGMENT_MODES:
-            raise ValueError(f"augment must be one of {AUGMENT_MODES}, got {self.augment!r}")
+__all__ = ["train_dataset", "train_dataset_from_config", "eval_dataset", "steps_per_epoch",
+           "eval_size", "parse_class_weights", "PipelineConfig", "AUGMENT_MODES"]
 
 
 def parse_class_weights(spec: str | Mapping[str, float] | None,
@@ -88,22 +64,22 @@ def parse_class_weights(spec: str | Mapping[str, float] | None,
         for part in spec.split(","):
             name, sep, value = part.partition("=")
             if not sep:
-                raise ValueError(f"class_weights {spec!r}: expected 'name=weight,...'")
+                raise UserError(f"class_weights {spec!r}: expected 'name=weight,...'")
             try:
                 mapping[name.strip()] = float(value)
             except ValueError:
-                raise ValueError(f"class_weights {spec!r}: {value!r} is not a number") from None
+                raise UserError(f"class_weights {spec!r}: {value!r} is not a number") from None
     else:
         mapping = dict(spec)
     unknown = sorted(set(mapping) - set(classes))
     if unknown:
-        raise ValueError(f"class_weights names unknown class(es) {unknown}; "
+        raise UserError(f"class_weights names unknown class(es) {unknown}; "
                          f"the classes are {list(classes)}")
     weights = [float(mapping.get(c, 0.0)) for c in classes]
     if any(w < 0 or w != w for w in weights):
-        raise ValueError(f"class_weights must be non-negative numbers, got {mapping}")
+        raise UserError(f"class_weights must be non-negative numbers, got {mapping}")
     if sum(weights) <= 0:
-        raise ValueError(f"class_weights must not all be zero, got {mapping}")
+        raise UserError(f"class_weights must not all be zero, got {mapping}")
     return [w / sum(weights) for w in weights]
 
 
@@ -150,21 +126,22 @@ def _options(deterministic: bool) -> tf.data.Options:
     return options
 
 
-def _class_stream(m, label: str, config: PipelineConfig, seed, input_context) -> tf.data.Dataset:
+def _class_stream(m, label: str, config: PipelineConfig, seed, deterministic: bool,
+                  input_context) -> tf.data.Dataset:
     files = m.shard_paths("train", label)
     if input_context is not None and input_context.num_input_pipelines > 1:
         n, i = input_context.num_input_pipelines, input_context.input_pipeline_id
         if len(files) < n:
-            raise ValueError(
+            raise UserError(
                 f"class {label!r} has {len(files)} shard(s) for {n} input pipelines; "
                 f"re-run prepare with a smaller --shard_mb so every worker gets a file")
         files = files[i::n]
     count = sum(e["records"] for e in m.shard_entries("train", label))
     ds = tf.data.Dataset.from_tensor_slices(files)
     ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=len(files),
-                       num_parallel_calls=AUTOTUNE, deterministic=config.deterministic)
+                       num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     ds = ds.map(_decode_fn(m, config.image_size, False), num_parallel_calls=AUTOTUNE,
-                deterministic=config.deterministic)
+                deterministic=deterministic)
     cache = _as_cache(config.cache)
     if cache == "memory":
         ds = ds.cache()
@@ -178,8 +155,9 @@ def _class_stream(m, label: str, config: PipelineConfig, seed, input_context) ->
 def train_dataset(data_dir, *, batch_size: int = 32, image_size: int = 150,
                   class_weights: str | Mapping[str, float] | None = None,
                   augment: str = "device", cache: bool | str = True, seed: int | None = None,
-                  deterministic: bool = False, input_context: tf.distribute.InputContext | None = None,
-                  augment_params: augment_lib.AffineParams | None = None,
+                  deterministic: bool = False,
+                  input_context: tf.distribute.InputContext | None = None,
+                  augmentation: AugmentConfig | None = None,
                   verify_checksums: bool = True) -> tf.data.Dataset:
     """The infinite, rebalanced training stream of ``(uint8 [B,H,W,1], float32 [B,1])``.
 
@@ -189,29 +167,31 @@ def train_dataset(data_dir, *, batch_size: int = 32, image_size: int = 150,
       image_size: side of the square images.
       class_weights: target class mix, a mapping or ``'normal=1,pneumonia=2'``;
         None balances the classes.
-      augment: ``host`` warps in tf.data; ``device`` and ``none`` leave the
+      augment: ``host`` augments in tf.data; ``device`` and ``none`` leave the
         images as they are (``device``: the model's own augmentation layer
         does it on the accelerator).
       cache: True (memory), False, or a file path prefix for an on-disk cache.
       seed: seeds shuffling, class sampling and host augmentation.
       deterministic: reproducible order; with a seed, the same stream each run.
       input_context: from ``tf.distribute``; shards files across input pipelines.
-      augment_params: ranges for host augmentation (default: the old recipe's).
+      augmentation: ranges for host augmentation (default: the old recipe's).
       verify_checksums: check shard sha256 first (sizes are always checked).
 
     Use :func:`steps_per_epoch` for the epoch length.
     """
     config = PipelineConfig(batch_size=batch_size, image_size=image_size,
                             class_weights=None, augment=augment, cache=_as_cache(cache),
-                            seed=seed, deterministic=deterministic,
-                            verify_checksums=verify_checksums)
-    return train_dataset_from_config(data_dir, config, class_weights=class_weights,
-                                     input_context=input_context, augment_params=augment_params)
+                            verify_checksums=verify_checksums,
+                            augmentation=augmentation or AugmentConfig())
+    return train_dataset_from_config(data_dir, config, class_weights=class_weights, seed=seed,
+                                     deterministic=deterministic, input_context=input_context)
 
 
-def train_dataset_from_config(data_dir, config: PipelineConfig, *, class_weights=None,
-                              input_context=None, augment_params=None) -> tf.data.Dataset:
-    """:func:`train_dataset` driven by a :class:`PipelineConfig`."""
+def train_dataset_from_config(data_dir, config: PipelineConfig, *, seed: int | None = None,
+                              deterministic: bool = False, class_weights=None,
+                              input_context=None) -> tf.data.Dataset:
+    """:func:`train_dataset` driven by a :class:`PipelineConfig` (``class_weights`` given
+    here overrides the config's)."""
     m = _open(data_dir, "train", config)
     weights = parse_class_weights(class_weights if class_weights is not None
                                   else config.class_weights, m.classes)
@@ -220,26 +200,27 @@ def train_dataset_from_config(data_dir, config: PipelineConfig, *, class_weights
         if weight == 0:
             continue
         if m.count("train", label) == 0:
-            raise ValueError(f"{data_dir}: the train split has no {label!r} images but its "
-                             f"class weight is {weight:.3f}")
-        seed = None if config.seed is None else config.seed + 1000 * (len(streams) + 1)
-        streams.append(_class_stream(m, label, config, seed, input_context))
+            raise UserError(f"{data_dir}: the train split has no {label!r} images but its "
+                            f"class weight is {weight:.3f}")
+        stream_seed = None if seed is None else seed + 1000 * (len(streams) + 1)
+        streams.append(_class_stream(m, label, config, stream_seed, deterministic,
+                                     input_context))
         used.append(weight)
     ds = tf.data.Dataset.sample_from_datasets(
-        streams, weights=used, seed=config.seed, stop_on_empty_dataset=True,
+        streams, weights=used, seed=seed, stop_on_empty_dataset=True,
         rerandomize_each_iteration=True) if len(streams) > 1 else streams[0]
     batch = config.batch_size
     if input_context is not None:
         batch = input_context.get_per_replica_batch_size(batch)
     ds = ds.batch(batch, drop_remainder=True, num_parallel_calls=AUTOTUNE,
-                  deterministic=config.deterministic)
+                  deterministic=deterministic)
     if config.augment == "host":
-        params = augment_params or augment_lib.AffineParams()
-        seeds = tf.data.Dataset.random(seed=config.seed).batch(2)
+        params = config.augmentation
+        seeds = tf.data.Dataset.random(seed=seed).batch(2)
         ds = tf.data.Dataset.zip(ds, seeds).map(
             lambda batch, s: (augment_lib.augment_batch(batch[0], params, s), batch[1]),
-            num_parallel_calls=AUTOTUNE, deterministic=config.deterministic)
-    return ds.prefetch(AUTOTUNE).with_options(_options(config.deterministic))
+            num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    return ds.prefetch(AUTOTUNE).with_options(_options(deterministic))
 
 
 def steps_per_epoch(data_dir, batch_size: int = 32) -> int:
@@ -248,7 +229,7 @@ def steps_per_epoch(data_dir, batch_size: int = 32) -> int:
     ``batch_size`` is the global batch (all replicas together).
     """
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise UserError(f"batch_size must be positive, got {batch_size}")
     m = manifest_lib.load_manifest(data_dir)
     return max(1, m.count("train") // batch_size)
 
@@ -262,11 +243,11 @@ def eval_dataset(data_dir, split: str, *, batch_size: int = 32, image_size: int 
     ``patient_id``, ``subtype`` and ``source_path`` string tensors [B].
     """
     config = PipelineConfig(batch_size=batch_size, image_size=image_size,
-                            verify_checksums=verify_checksums, deterministic=True)
+                            verify_checksums=verify_checksums)
     m = _open(data_dir, split, config)
     files = [path for label in m.classes for path in m.shard_paths(split, label)]
-    if not files:
-        raise ValueError(f"{data_dir}: split {split!r} holds no images")
+    if not files or m.count(split) == 0:
+        raise manifest_lib.ManifestError(f"{data_dir}: split {split!r} holds no images")
     ds = tf.data.TFRecordDataset(files, num_parallel_reads=None)
     ds = ds.map(_decode_fn(m, image_size, with_metadata), num_parallel_calls=AUTOTUNE,
                 deterministic=True)

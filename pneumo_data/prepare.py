@@ -7,13 +7,19 @@ Run it::
 
 or from Python: ``prepare(PrepareConfig(source_dir=..., output_dir=...))``.
 
-Steps: find files (:mod:`pneumo_data.sources`), hash them, group by patient id
-and identical content and split (:mod:`pneumo_data.split`), decode each file
-once to grayscale at the stored size in parallel threads
-(:mod:`pneumo_data.decode`), write one shard set per split x class
+Two halves. Planning (:mod:`pneumo_data.plan`): find files
+(:mod:`pneumo_data.sources`), hash them, group by patient id and identical
+content and split (:mod:`pneumo_data.split`), fix the writing order. Writing
+(here): decode each file once to grayscale at the stored size in parallel
+threads (:mod:`pneumo_data.decode`), write one shard set per split x class
 (:mod:`pneumo_data.shards`) and finally the manifest
 (:mod:`pneumo_data.manifest`), which lists every source file as written or
-skipped with its reason.
+skipped with its reason, and every entry of the source folder it ignored.
+
+The output folder is written under an exclusive lock and a ledger of the
+files this job wrote (:mod:`pneumo_data.common.outputs`): a second prepare
+on the same folder stops at once, a folder holding anyone else's files is
+refused, and ``--overwrite`` replaces only what prepare wrote.
 """
 
 from __future__ import annotations
@@ -24,23 +30,23 @@ import dataclasses
 import datetime
 import hashlib
 import logging
-import math
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from pneumo_data import decode, manifest, shards, sources, split
-from pneumo_data.flagconfig import config_to_dict, option
+from pneumo_data import decode, manifest, shards, sources
+from pneumo_data.common.config import config_to_dict, option
+from pneumo_data.common.errors import UserError
+from pneumo_data.common.outputs import OutputDir
+from pneumo_data.plan import Plan, make_plan, source_fingerprint
 
 log = logging.getLogger("pneumo.prepare")
 
 __all__ = ["PrepareConfig", "prepare", "PrepareError"]
 
 
-class PrepareError(ValueError):
+class PrepareError(UserError):
     """The job cannot run with these inputs or options; the message says why."""
 
 
@@ -76,7 +82,9 @@ class PrepareConfig:
     fast_jpeg: bool = option(True, "Decode large JPEGs at a reduced DCT scale before resizing.")
     allow_leakage: bool = option(
         False, "Write even if a patient or identical image ends up in two splits.")
-    overwrite: bool = option(False, "Replace an existing output prepared with other options.")
+    overwrite: bool = option(
+        False, "Replace an output this job wrote earlier with other options or sources (only "
+               "prepare's own files are ever deleted).")
     num_workers: int = option(0, "Decoding threads (0: one per core).")
     progress: bool = option(True, "Show a progress bar.")
 
@@ -104,245 +112,94 @@ class PrepareConfig:
             raise PrepareError("shard_mb and max_pixels must be positive, num_workers >= 0")
 
 
-@dataclasses.dataclass
-class _Entry:
-    """One source file's fate; becomes one row of manifest['files']."""
-
-    source: sources.SourceFile
-    sha256: str | None = None
-    split: str | None = None
-    status: str = "pending"
-    reason: str | None = None
-    shard: str | None = None
-
-    def row(self) -> dict[str, Any]:
-        s = self.source
-        row = {"path": s.relpath, "status": self.status, "label": s.label,
-               "subtype": s.subtype, "patient_id": s.patient_id,
-               "official_split": s.official_split, "sha256": self.sha256}
-        if self.status == "written":
-            row.update(split=self.split, shard=self.shard)
-        else:
-            row["reason"] = self.reason
-        return row
-
-    def skip(self, reason: str) -> None:
-        self.status, self.reason = "skipped", reason
-
-
-def _progress(iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-    return tqdm(iterable, total=total, desc=desc, unit="img", dynamic_ncols=True)
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
-
-
-def _source_fingerprint(found: list[sources.SourceFile]) -> str:
-    digest = hashlib.sha256()
-    for f in found:
-        digest.update(f"{f.relpath}\0{f.path.stat().st_size}\n".encode())
-    return digest.hexdigest()
+def _progress(enabled: bool):
+    """``wrap(iterable, total, description)``: a tqdm bar, or the iterable itself."""
+    def wrap(iterable, total: int, desc: str):
+        if not enabled:
+            return iterable
+        from tqdm import tqdm
+        return tqdm(iterable, total=total, desc=desc, unit="img", dynamic_ncols=True)
+    return wrap
 
 
 # ---------------------------------------------------------------- output state
 
-def _our_files(output_dir: Path) -> list[Path]:
-    patterns = (f"*{shards.SHARD_SUFFIX}", f"*{shards.SHARD_SUFFIX}.partial",
-                "manifest.partial.json")
-    return sorted(p for pattern in patterns for p in output_dir.glob(pattern))
+def _up_to_date(out: OutputDir, config: PrepareConfig, fingerprint: str
+                ) -> tuple[manifest.Manifest | None, str | None]:
+    """(the existing manifest, None) when it is complete and matches, else (None, why not).
 
-
-def _existing_output(config: PrepareConfig, fingerprint: str) -> manifest.Manifest | None:
-    """The existing manifest if it is complete and matches; clears stale output."""
-    output_dir = Path(config.output_dir)
-    if not (output_dir / manifest.MANIFEST_NAME).exists():
-        leftovers = _our_files(output_dir)
-        if leftovers:
-            log.warning("removing %d file(s) left by an unfinished run in %s",
-                        len(leftovers), output_dir)
-            for path in leftovers:
-                path.unlink()
-        return None
+    "Complete" means what readers check: every shard present with its recorded size and
+    sha256.
+    """
+    if not (out.path / manifest.MANIFEST_NAME).exists():
+        return None, None
     try:
-        existing = manifest.load_manifest(output_dir)
-        same = (existing.data["options"] == config.identity()
-                and existing.data["source"]["fingerprint"] == fingerprint)
-        if same:
-            existing.verify(checksums=False)
-    except (manifest.ManifestError, manifest.ShardIntegrityError, KeyError) as error:
-        same, reason = False, f"the existing output is damaged ({error})"
-    else:
-        reason = "it was prepared with other options or from other source files"
-    if same:
-        return existing
+        existing = manifest.load_manifest(out.path)
+    except manifest.ManifestError as error:
+        return None, f"its manifest is damaged ({error})"
+    if (existing.data["options"] != config.identity()
+            or existing.data["source"].get("fingerprint") != fingerprint):
+        return None, "it was prepared with other options or from other source files"
+    try:
+        existing.verify(checksums=True)
+    except manifest.ShardIntegrityError as error:
+        return None, f"the existing output is damaged ({error})"
+    return existing, None
+
+
+def _clear_previous(out: OutputDir, config: PrepareConfig, stale_reason: str | None) -> None:
+    """Removes what an earlier run of this job left: always its unfinished leftovers, a
+    finished output only with --overwrite."""
+    if stale_reason is None:
+        removed = out.clear()
+        if removed:
+            log.warning("removing %d file(s) this job left unfinished in %s", len(removed),
+                        out.path)
+        return
     if not config.overwrite:
         raise PrepareError(
-            f"{output_dir} already holds a prepared dataset, but {reason}. "
-            f"Pass --overwrite to replace it, or choose another --output_dir.")
-    log.info("overwriting %s", output_dir)
-    (output_dir / manifest.MANIFEST_NAME).unlink()  # first: never a manifest over missing shards
-    for path in _our_files(output_dir):
-        path.unlink()
-    return None
-
-
-# ---------------------------------------------------------------- splitting
-
-def _hash_files(entries: list[_Entry], workers: int, show: bool) -> None:
-    def work(entry: _Entry):
-        if entry.source.hidden:
-            return "hidden file (dot-file or __MACOSX), not an image", None
-        try:
-            return None, shards.file_sha256(entry.source.path)
-        except OSError as error:
-            return f"unreadable: {error.strerror or error}", None
-
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        results = pool.map(work, entries)
-        for entry, (reason, digest) in _progress(zip(entries, results), len(entries),
-                                                 "hashing", show):
-            entry.sha256 = digest
-            if reason:
-                entry.skip(reason)
-
-
-def _duplicates(entries: list[_Entry]) -> dict[str, list[list[str]]]:
-    by_hash: dict[str, list[_Entry]] = collections.defaultdict(list)
-    for e in entries:
-        if e.sha256:
-            by_hash[e.sha256].append(e)
-    report = {"within_split": [], "across_splits": [], "across_classes": []}
-    for group in by_hash.values():
-        if len(group) < 2:
-            continue
-        paths = [e.source.relpath for e in group]
-        if len({e.source.label for e in group}) > 1:
-            report["across_classes"].append(paths)
-        elif len({e.split for e in group}) > 1:
-            report["across_splits"].append(paths)
-        else:
-            report["within_split"].append(paths)
-    return report
-
-
-def _skip_label_conflicts(entries: list[_Entry]) -> None:
-    labels: dict[str, set[str]] = collections.defaultdict(set)
-    for e in entries:
-        if e.sha256 and e.status == "pending":
-            labels[e.sha256].add(e.source.label)
-    for e in entries:
-        if e.status == "pending" and len(labels[e.sha256]) > 1:
-            e.skip("label conflict: identical content is labelled both normal and pneumonia")
-
-
-def _assign(entries: list[_Entry], config: PrepareConfig) -> tuple[str, list[str]]:
-    """Sets entry.split for pending entries; returns (mode, split names)."""
-    live = [e for e in entries if e.status == "pending"]
-    official = {e.source.official_split for e in live}
-    mode = config.resplit
-    if official == {None}:
-        mode = "all"  # plain layout: nothing official to keep
-    if mode == "all":
-        fractions = {"train": 1 - config.val_fraction - config.test_fraction,
-                     "val": config.val_fraction, "test": config.test_fraction}
-        pool, fixed = live, []
-    else:
-        fractions = {"train": 1 - config.val_fraction, "val": config.val_fraction}
-        pool = [e for e in live if e.source.official_split != "test"]
-        fixed = [e for e in live if e.source.official_split == "test"]
-    fractions = {k: v for k, v in fractions.items() if v > 0}
-    groups = split.connected_groups([e.source.patient_id for e in pool],
-                                    [e.sha256 for e in pool])
-    names = split.assign_splits(groups, [e.source.label_index for e in pool],
-                                fractions, config.seed)
-    for e, name in zip(pool, names):
-        e.split = name
-    for e in fixed:
-        e.split = "test"
-    split_names = list(fractions) + (["test"] if fixed else [])
-    return mode, split_names
-
-
-def _check_leakage(entries: list[_Entry], allow: bool) -> list[str]:
-    live = [e for e in entries if e.status == "pending"]
-    try:
-        split.check_no_leakage([e.split for e in live],
-                               [e.source.patient_id for e in live],
-                               [e.sha256 for e in live],
-                               key_names=("patient id", "content hash (identical image)"))
-    except split.LeakageError as error:
-        if not allow:
-            raise split.LeakageError(
-                f"{error}. The official test split is kept as it is (--resplit=official); "
-                f"use --resplit=all to re-split everything by patient, or "
-                f"--allow_leakage to write anyway.") from None
-        log.warning("writing despite leakage (--allow_leakage): %s", error)
-        return [str(error)]
-    return []
+            f"{out.path} already holds a prepared dataset, but {stale_reason}. "
+            f"Pass --overwrite to replace it (only the files prepare wrote are deleted), or "
+            f"choose another --output_dir.")
+    log.info("overwriting the dataset prepare wrote in %s", out.path)
+    out.remove(manifest.MANIFEST_NAME)  # first: never a manifest over missing shards
+    out.clear()
 
 
 # ---------------------------------------------------------------- writing
 
-def _estimated_record_bytes(config: PrepareConfig) -> float:
-    pixels = config.image_size ** 2
-    return {"raw": pixels, "png": pixels * 0.5, "jpeg": pixels * 0.25}[config.encoding] + 300
+def _decode_one(entry, config: PrepareConfig):
+    """(skip reason, None) or (None, encoded image) for one planned entry."""
+    try:
+        data = entry.source.path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != entry.sha256:
+            return "source file changed while preparing", None
+        pixels = decode.decode_to_gray(data, config.image_size, config.resize,
+                                       config.max_pixels, config.fast_jpeg)
+        return None, shards.encode_image(pixels, config.encoding, config.jpeg_quality)
+    except decode.DecodeError as error:
+        return str(error), None
+    except OSError as error:
+        return f"unreadable: {error.strerror or error}", None
 
 
-def _write_shards(entries: list[_Entry], split_names: list[str], config: PrepareConfig,
-                  workers: int) -> tuple[dict, dict]:
-    output_dir = Path(config.output_dir)
-    rng = np.random.default_rng(config.seed)
-    plan = []  # (split, label, [entries]) in writing order
-    for split_name in split_names:
-        for label in sources.CLASSES:
-            members = [e for e in entries if e.status == "pending" and e.split == split_name
-                       and e.source.label == label]
-            members = [members[i] for i in rng.permutation(len(members))]
-            plan.append((split_name, label, members))
-
-    def work(entry: _Entry):
-        try:
-            data = entry.source.path.read_bytes()
-            if hashlib.sha256(data).hexdigest() != entry.sha256:
-                return "source file changed while preparing", None
-            pixels = decode.decode_to_gray(data, config.image_size, config.resize,
-                                           config.max_pixels, config.fast_jpeg)
-            return None, shards.encode_image(pixels, config.encoding, config.jpeg_quality)
-        except decode.DecodeError as error:
-            return str(error), None
-        except OSError as error:
-            return f"unreadable: {error.strerror or error}", None
-
-    total = sum(len(m) for _, _, m in plan)
+def _write_shards(plan: Plan, out: OutputDir, config: PrepareConfig, workers: int
+                  ) -> tuple[dict, dict]:
+    """Decodes in ``workers`` threads, writes the plan's shards in order; returns
+    (shard table, counts) for the manifest."""
+    total = sum(len(g.entries) for g in plan.groups)
     shard_table: dict[str, dict[str, list]] = {}
     counts: dict[str, dict[str, int]] = {}
-    per_shard = max(1, int(config.shard_mb * 1e6 / _estimated_record_bytes(config)))
+    bar = _progress(config.progress)(None, total, "decoding") if config.progress else None
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        stream = ((e, pool.submit(work, e)) for _, _, members in plan for e in members)
+        stream = ((e, pool.submit(_decode_one, e, config)) for g in plan.groups
+                  for e in g.entries)
         # Keep a bounded window of decodes in flight, consume in order.
         window: collections.deque = collections.deque()
-        bar = _progress_bar(total, "decoding", config.progress)
-        for split_name, label, members in plan:
-            n_shards = max(1, math.ceil(len(members) / per_shard))
-            entries_list = shard_table.setdefault(split_name, {}).setdefault(label, [])
-            written = 0
-            index, writer = 0, None
-            for i in range(len(members)):
+        for group in plan.groups:
+            entries_list = shard_table.setdefault(group.split, {}).setdefault(group.label, [])
+            written, index, writer = 0, 0, None
+            for position in range(len(group.entries)):
                 while len(window) < 4 * workers + 1:
                     nxt = next(stream, None)
                     if nxt is None:
@@ -350,14 +207,15 @@ def _write_shards(entries: list[_Entry], split_names: list[str], config: Prepare
                     window.append(nxt)
                 entry, future = window.popleft()
                 reason, encoded = future.result()
-                bar.update(1)
-                target = min(n_shards - 1, i * n_shards // len(members))
+                if bar is not None:
+                    bar.update(1)
+                target = group.shard_index(position)
                 if writer is None or target != index:
                     if writer is not None:
                         entries_list.append(writer.close())
                     index = target
                     writer = shards.ShardWriter(
-                        output_dir, shards.shard_name(split_name, label, index, n_shards))
+                        out, shards.shard_name(group.split, group.label, index, group.shards))
                 if reason:
                     entry.skip(reason)
                     continue
@@ -368,7 +226,8 @@ def _write_shards(entries: list[_Entry], split_names: list[str], config: Prepare
                 written += 1
             if writer is not None:
                 entries_list.append(writer.close())
-            counts.setdefault(split_name, {})[label] = written
+            counts.setdefault(group.split, {})[group.label] = written
+    if bar is not None:
         bar.close()
     return shard_table, counts
 
@@ -382,14 +241,29 @@ def _summary_table(data: dict[str, Any], seconds: float) -> str:
                      f"{n_shards:>8}")
     written = sum(sum(c.values()) for c in data["counts"].values())
     lines.append(f"written {written} of {len(data['files'])} files in {seconds:.1f}s "
-                 f"({written / max(seconds, 1e-9):.0f} img/s)")
+                 f"({written / max(seconds, 1e-9):.0f} img/s, hashing and decoding)")
     for reason, n in data["skipped"].items():
         lines.append(f"skipped {n}: {reason}")
+    if data["ignored"]:
+        lines.append(f"ignored {len(data['ignored'])} entr(ies) outside the class folders "
+                     f"(listed in the manifest under 'ignored')")
     dup = data["duplicates"]
     lines.append(f"identical files: {len(dup['within_split'])} group(s) within a split, "
                  f"{len(dup['across_splits'])} across splits, "
                  f"{len(dup['across_classes'])} across classes (skipped)")
     return "\n".join(lines)
+
+
+def _check_counts(counts: dict[str, dict[str, int]], plan: Plan) -> None:
+    for split_name in plan.split_names:
+        missing = [label for label in sources.CLASSES if counts[split_name][label] == 0]
+        if missing and split_name == "train":
+            raise PrepareError(f"the train split has no {', '.join(missing)} images after "
+                               f"skipping unreadable files; nothing usable to train on")
+        if missing:
+            log.warning("split %s has no %s images: too few patients for the requested "
+                        "fractions; training and evaluation need both classes there",
+                        split_name, " or ".join(missing))
 
 
 def prepare(config: PrepareConfig) -> manifest.Manifest:
@@ -400,67 +274,72 @@ def prepare(config: PrepareConfig) -> manifest.Manifest:
         config = dataclasses.replace(config, source_dir=str(synthetic.default_dataset_dir()))
         log.info("no --source_dir: using the embedded default dataset at %s", config.source_dir)
     config = dataclasses.replace(config, source_dir=str(Path(config.source_dir).resolve()))
-    start = time.perf_counter()
     try:
-        found = sources.find_sources(config.source_dir, config.patient_id_regex)
-    except sources.SourceLayoutError as error:
-        raise PrepareError(str(error)) from None
-    present = {f.label for f in found if not f.hidden}
+        scan = sources.scan_sources(config.source_dir, config.patient_id_regex)
+    except OSError as error:
+        raise PrepareError(f"cannot read {config.source_dir}: {error}") from None
+    present = {f.label for f in scan.files if f.skip_reason is None}
     if len(present) < 2:
         raise PrepareError(
             f"{config.source_dir}: only class {sorted(present)} has files; both NORMAL and "
             f"PNEUMONIA folders with images are needed")
-    output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = _source_fingerprint(found)
-    existing = _existing_output(config, fingerprint)
-    if existing is not None:
-        log.info("%s is up to date (same options, same source files): nothing to do", output_dir)
-        return existing
+    if Path(config.output_dir).resolve().is_relative_to(Path(config.source_dir)):
+        raise PrepareError(f"--output_dir {config.output_dir} is inside --source_dir; "
+                           f"choose a folder outside the images")
+    for item in scan.ignored:
+        if not item.reason.startswith("hidden"):
+            log.warning("ignored %s: %s", item.relpath, item.reason)
+    fingerprint = source_fingerprint(scan.files)
+    with OutputDir(config.output_dir, job="prepare") as out:
+        existing, stale = _up_to_date(out, config, fingerprint)
+        if existing is not None:
+            log.info("%s is up to date (same options, same source files, shards verified): "
+                     "nothing to do", out.path)
+            return existing
+        _clear_previous(out, config, stale)
+        return _prepare_into(out, config, scan, fingerprint, __version__)
 
+
+def _prepare_into(out: OutputDir, config: PrepareConfig, scan: sources.SourceScan,
+                  fingerprint: str, version: str) -> manifest.Manifest:
+    from pneumo_data.common.jobs import import_tensorflow
+    import_tensorflow()  # before the clock and the progress bars start
+    start = time.perf_counter()
     workers = config.num_workers or os.cpu_count() or 1
-    entries = [_Entry(f) for f in found]
-    _hash_files(entries, workers, config.progress)
-    _skip_label_conflicts(entries)
-    mode, split_names = _assign(entries, config)
-    leakage = _check_leakage(entries, config.allow_leakage)
-    shard_table, counts = _write_shards(entries, split_names, config, workers)
-    for split_name in split_names:
-        missing = [label for label in sources.CLASSES if counts[split_name][label] == 0]
-        if missing and split_name == "train":
-            raise PrepareError(f"the train split has no {', '.join(missing)} images after "
-                               f"skipping unreadable files; nothing usable to train on")
-        if missing:
-            log.warning("split %s has no %s images", split_name, ", ".join(missing))
+    plan = make_plan(scan, config, workers, _progress(config.progress), log)
+    shard_table, counts = _write_shards(plan, out, config, workers)
+    _check_counts(counts, plan)
     seconds = time.perf_counter() - start
+    entries = plan.entries
     skipped = collections.Counter(e.reason.split(":")[0] for e in entries if e.status == "skipped")
     data = {
         "format": manifest.FORMAT,
         "format_version": manifest.FORMAT_VERSION,
-        "library_version": __version__,
+        "library_version": version,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "options": config.identity(),
-        "source": {"dir": config.source_dir, "files": len(found), "fingerprint": fingerprint,
-                   "official_splits": sorted({f.official_split or "none" for f in found}),
-                   "split_mode": mode},
+        "source": {"dir": config.source_dir, "files": len(scan.files),
+                   "fingerprint": fingerprint,
+                   "official_splits": sorted({f.official_split or "none" for f in scan.files}),
+                   "split_mode": plan.mode},
         "image": {"size": config.image_size, "channels": 1, "dtype": "uint8",
                   "encoding": config.encoding, "resize": config.resize},
         "classes": list(sources.CLASSES),
         "counts": counts,
         "shards": shard_table,
         "skipped": dict(skipped.most_common()),
-        "duplicates": _duplicates(entries),
-        "leakage_allowed": leakage,
+        "ignored": [{"path": i.relpath, "reason": i.reason} for i in plan.ignored],
+        "duplicates": plan.duplicates(),
+        "leakage_allowed": plan.leakage,
         "seconds": round(seconds, 2),
         "files": [e.row() for e in entries],
     }
-    manifest.write_manifest(output_dir, data)
+    manifest.write_manifest(out, data)
     print(_summary_table(data, seconds), flush=True)
-    return manifest.load_manifest(output_dir)
-
+    return manifest.load_manifest(out.path)
 
 
 if __name__ == "__main__":
-    from pneumo_data.flagconfig import run_job
+    from pneumo_data.common.jobs import run_job
 
-    run_job("prepare", PrepareConfig, prepare, (PrepareError, split.LeakageError))
+    run_job("prepare", PrepareConfig, prepare)

@@ -25,12 +25,12 @@ about 2x smaller than raw but several times slower to encode and decode).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
-from pathlib import Path
 
 import numpy as np
+
+from pneumo_data.common.files import file_sha256, partial_path
 
 ENCODINGS = ("raw", "jpeg", "png")
 SHARD_SUFFIX = ".tfrecord"
@@ -72,7 +72,10 @@ def make_example(image_bytes: bytes, label: int, subtype: str, patient_id: str,
         "source_path": _bytes(source_path),
         "source_sha256": _bytes(source_sha256),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    # deterministic: protobuf would otherwise order the feature map by a per-process hash
+    # seed, and the same record would get different bytes (and shard sha256s) in every run.
+    example = tf.train.Example(features=tf.train.Features(feature=feature))
+    return example.SerializeToString(deterministic=True)
 
 
 def parse_example(serialized, encoding: str, stored_size: int):
@@ -100,24 +103,17 @@ def parse_example(serialized, encoding: str, stored_size: int):
     return features
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class ShardWriter:
-    """Writes records to ``<name>.partial`` and renames on :meth:`close`.
+    """Writes records to the shard's partial name and renames it on :meth:`close`.
 
-    A shard that exists under its final name is always complete.
+    A shard that exists under its final name is always complete. The shard is claimed in the
+    output folder's ledger before it is created.
     """
 
-    def __init__(self, directory: Path, name: str):
+    def __init__(self, out, name: str):
         import tensorflow as tf
-        self.final_path = Path(directory) / name
-        self.partial_path = self.final_path.with_name(self.final_path.name + ".partial")
+        self.final_path = out.claim(name)
+        self.partial_path = partial_path(self.final_path)
         self._writer = tf.io.TFRecordWriter(str(self.partial_path))
         self.count = 0
 

@@ -6,10 +6,15 @@ Two layouts are understood, folder names matched case-insensitively:
   (the split folder is remembered as the file's *official split*).
 * Plain: ``SRC/{NORMAL,PNEUMONIA}/...`` (no official split).
 
-Every regular file under a class folder is returned, images or not: the decoder
-decides what is readable, so that nothing is skipped without a recorded reason.
-Hidden files (``.DS_Store``) and ``__MACOSX`` folders are returned too, marked,
-so the manifest can list them as skipped.
+Every file under a class folder is returned, images or not: the decoder decides
+what is readable, so that nothing is skipped without a recorded reason. Files
+that are never decoded are returned too, with their reason set
+(``skip_reason``): hidden files (``.DS_Store``), ``__MACOSX`` folders and
+dangling symbolic links. Symbolic links to files and to folders are followed
+(a link that leads back into a folder already walked is recorded, not walked
+twice). Anything else at the layout's levels (a ``README`` beside ``train/``, a
+folder ``OTHER/`` beside ``NORMAL/``) is not a source, and is returned in
+:attr:`SourceScan.ignored` with the reason, so the manifest can list it.
 
 Labels: ``normal`` (0) and ``pneumonia`` (1). Subtype from the file name:
 ``bacterial`` or ``viral`` for pneumonia (``unknown`` when the name says
@@ -24,6 +29,8 @@ import os
 import re
 from pathlib import Path
 
+from pneumo_data.common.errors import UserError
+
 CLASSES = ("normal", "pneumonia")
 OFFICIAL_SPLITS = ("train", "val", "test")
 
@@ -35,7 +42,7 @@ DEFAULT_PATIENT_ID_REGEX = r"^(person\d+_(?:bacteria|virus)|NORMAL2-IM-\d+|IM-\d
 _SUBTYPES = (("bacteria", "bacterial"), ("virus", "viral"))
 
 
-class SourceLayoutError(ValueError):
+class SourceLayoutError(UserError):
     """The source folder is not in a layout this library understands."""
 
 
@@ -49,11 +56,25 @@ class SourceFile:
     subtype: str          # "none", "bacterial", "viral" or "unknown"
     patient_id: str       # parsed id, or "file:<relpath>" when the name has none
     official_split: str | None  # "train"/"val"/"test" for the Kaggle layout
-    hidden: bool = False  # dot-file or inside __MACOSX: recorded, never decoded
+    skip_reason: str | None = None  # set: recorded as skipped, never read
 
     @property
     def label_index(self) -> int:
         return CLASSES.index(self.label)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ignored:
+    """An entry of the source folder that is not a source file, and why."""
+
+    relpath: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceScan:
+    files: list[SourceFile]
+    ignored: list[Ignored]
 
 
 def subtype_from_name(name: str, label: str) -> str:
@@ -74,15 +95,19 @@ def patient_id_from_name(name: str, pattern: re.Pattern[str], relpath: str) -> s
     return match.group(1) if match.groups() else match.group(0)
 
 
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def _children(folder: Path) -> dict[str, Path]:
     """Sub-folders keyed by lower-case name, ignoring hidden ones."""
     result = {}
     for entry in sorted(folder.iterdir()):
-        if entry.is_dir() and not entry.name.startswith(".") and entry.name != "__MACOSX":
+        if entry.is_dir() and not _is_hidden(entry.name):
             key = entry.name.lower()
             if key in result:
-                raise SourceLayoutError(
-                    f"{folder}: folders {result[key].name!r} and {entry.name!r} differ only in case")
+                raise SourceLayoutError(f"{folder}: folders {result[key].name!r} and "
+                                        f"{entry.name!r} differ only in case")
             result[key] = entry
     return result
 
@@ -92,17 +117,18 @@ def _class_folders(folder: Path) -> dict[str, Path]:
     return {name: children[name] for name in CLASSES if name in children}
 
 
-def detect_layout(source_dir: Path) -> dict[str | None, dict[str, Path]]:
-    """Maps official split (None for the plain layout) to its class folders."""
+def _layout(source_dir: Path) -> tuple[dict[str | None, dict[str, Path]], list[Path]]:
+    """(official split -> class folders, the folders whose other entries are not sources)."""
     source_dir = Path(source_dir)
     if not source_dir.is_dir():
         raise SourceLayoutError(f"source_dir {source_dir} does not exist or is not a folder")
-    root = source_dir
+    root, levels = source_dir, [source_dir]
     # The Kaggle archive nests chest_xray/ (sometimes twice); descend through it.
     for _ in range(2):
         children = _children(root)
         if not set(children) & {*OFFICIAL_SPLITS, *CLASSES} and "chest_xray" in children:
             root = children["chest_xray"]
+            levels.append(root)
     children = _children(root)
     splits = {s: _class_folders(children[s]) for s in OFFICIAL_SPLITS if s in children}
     splits = {s: c for s, c in splits.items() if c}
@@ -112,9 +138,9 @@ def detect_layout(source_dir: Path) -> dict[str | None, dict[str, Path]]:
             f"{root} holds both split folders ({', '.join(splits)}) and class folders "
             f"({', '.join(plain)}); use one layout")
     if splits:
-        return splits
+        return splits, levels + [children[s] for s in splits]
     if plain:
-        return {None: plain}
+        return {None: plain}, levels
     raise SourceLayoutError(
         f"{source_dir}: unknown layout. Expected either "
         f"'train|val|test/NORMAL|PNEUMONIA/<images>' (Kaggle chest_xray layout) or "
@@ -122,33 +148,87 @@ def detect_layout(source_dir: Path) -> dict[str | None, dict[str, Path]]:
         f"{sorted(p.name for p in source_dir.iterdir() if p.is_dir()) or 'none'}")
 
 
+def detect_layout(source_dir: Path) -> dict[str | None, dict[str, Path]]:
+    """Maps official split (None for the plain layout) to its class folders."""
+    return _layout(source_dir)[0]
+
+
+def _ignored_entries(source_dir: Path, levels: list[Path], used: set[Path]) -> list[Ignored]:
+    """Entries of the layout's folders that are neither walked nor part of the layout."""
+    out = []
+    for level in levels:
+        for entry in sorted(level.iterdir()):
+            if entry in used or entry.name == "__MACOSX" and level == source_dir:
+                continue
+            relpath = entry.relative_to(source_dir).as_posix()
+            if _is_hidden(entry.name):
+                reason = "hidden entry"
+            elif entry.is_dir():
+                reason = "folder that is not part of the layout (not a split or class folder)"
+            elif not entry.exists():
+                reason = "dangling symbolic link outside the class folders"
+            else:
+                reason = "file outside the class folders"
+            out.append(Ignored(relpath, reason))
+    return out
+
+
+def _walk(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Files under ``folder``, following symbolic links; (files, folders not walked + why)."""
+    found, skipped = [], []
+    seen = {folder.resolve()}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        kept = []
+        for name in sorted(dirnames):
+            sub = Path(dirpath) / name
+            real = sub.resolve()
+            if real in seen:
+                skipped.append((sub, "symbolic link to a folder already walked (a loop or a "
+                                     "second link to it); its files are listed once"))
+                continue
+            seen.add(real)
+            kept.append(name)
+        dirnames[:] = kept
+        found.extend(Path(dirpath) / name for name in filenames)
+    return sorted(found), skipped
+
+
+def scan_sources(source_dir: str | os.PathLike,
+                 patient_id_regex: str = DEFAULT_PATIENT_ID_REGEX) -> SourceScan:
+    """Every file under the class folders of ``source_dir`` (sorted by relpath), and the
+    entries that are not sources (see the module docstring)."""
+    source_dir = Path(source_dir).resolve()
+    pattern = re.compile(patient_id_regex)
+    layout, levels = _layout(source_dir)
+    files, ignored = [], []
+    used = {folder for class_folders in layout.values() for folder in class_folders.values()}
+    used |= set(levels)
+    for split, class_folders in layout.items():
+        for label, folder in class_folders.items():
+            paths, skipped = _walk(folder)
+            ignored += [Ignored(p.relative_to(source_dir).as_posix(), why) for p, why in skipped]
+            for path in paths:
+                relpath = path.relative_to(source_dir).as_posix()
+                reason = None
+                if _is_hidden(path.name) or "__MACOSX" in path.relative_to(folder).parts:
+                    reason = "hidden file (dot-file or __MACOSX), not an image"
+                elif path.is_symlink() and not path.exists():
+                    reason = f"dangling symbolic link (its target {os.readlink(path)} is missing)"
+                elif not path.is_file():
+                    reason = "not a regular file (device, socket or pipe)"
+                files.append(SourceFile(
+                    path=path, relpath=relpath, label=label,
+                    subtype=subtype_from_name(path.name, label),
+                    patient_id=patient_id_from_name(path.name, pattern, relpath),
+                    official_split=split, skip_reason=reason))
+    ignored += _ignored_entries(source_dir, levels, used)
+    files.sort(key=lambda f: f.relpath)
+    if not [f for f in files if f.skip_reason is None]:
+        raise SourceLayoutError(f"{source_dir}: the class folders hold no files")
+    return SourceScan(files, sorted(ignored, key=lambda i: i.relpath))
+
+
 def find_sources(source_dir: str | os.PathLike,
                  patient_id_regex: str = DEFAULT_PATIENT_ID_REGEX) -> list[SourceFile]:
     """Every file under the class folders of ``source_dir``, sorted by relpath."""
-    source_dir = Path(source_dir).resolve()
-    pattern = re.compile(patient_id_regex)
-    layout = detect_layout(source_dir)
-    files = []
-    for split, class_folders in layout.items():
-        for label, folder in class_folders.items():
-            for dirpath, dirnames, filenames in os.walk(folder):
-                dirnames.sort()
-                for filename in sorted(filenames):
-                    path = Path(dirpath) / filename
-                    if not path.is_file():
-                        continue
-                    relpath = path.relative_to(source_dir).as_posix()
-                    hidden = filename.startswith(".") or "__MACOSX" in path.parts
-                    files.append(SourceFile(
-                        path=path,
-                        relpath=relpath,
-                        label=label,
-                        subtype=subtype_from_name(filename, label),
-                        patient_id=patient_id_from_name(filename, pattern, relpath),
-                        official_split=split,
-                        hidden=hidden,
-                    ))
-    files.sort(key=lambda f: f.relpath)
-    if not [f for f in files if not f.hidden]:
-        raise SourceLayoutError(f"{source_dir}: the class folders hold no files")
-    return files
+    return scan_sources(source_dir, patient_id_regex).files

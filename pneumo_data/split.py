@@ -21,8 +21,10 @@ from typing import Hashable, Sequence
 
 import numpy as np
 
+from pneumo_data.common.errors import UserError
 
-class LeakageError(ValueError):
+
+class LeakageError(UserError):
     """A patient or an identical image would appear in two splits."""
 
 

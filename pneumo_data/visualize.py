@@ -7,32 +7,35 @@ r"""A 3x3 grid of augmented versions of one X-ray, as the old recipe's figure sh
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
 
 from pneumo_data import decode
-from pneumo_data.atomic import replacing
-from pneumo_data.augment import AffineParams
+from pneumo_data.common.config import group, option
+from pneumo_data.common.errors import UserError
+from pneumo_data.common.files import replacing
+from pneumo_data.config import AugmentConfig
 
-flags.DEFINE_string("image", None, "Image file (default: one from the embedded dataset).")
-flags.DEFINE_string("output", "augmented.png", "PNG to write.")
-flags.DEFINE_integer("image_size", 150, "Side of the square image.")
-flags.DEFINE_integer("seed", 0, "Seed of the random draws.")
-flags.DEFINE_float("rotation_deg", AffineParams.rotation_deg, "Rotation range, degrees.")
-flags.DEFINE_float("shear_deg", AffineParams.shear_deg, "Shear range, degrees.")
-flags.DEFINE_float("width_shift", AffineParams.width_shift, "Shift range, fraction of width.")
-flags.DEFINE_float("height_shift", AffineParams.height_shift, "Shift range, fraction of height.")
-flags.DEFINE_float("zoom", AffineParams.zoom, "Zoom range: scale in [1-zoom, 1+zoom].")
-flags.DEFINE_bool("horizontal_flip", True, "Random left-right mirror.")
-FLAGS = flags.FLAGS
+SOFTWARE_TAG = "pneumo_data.visualize"
 
 
-def augmented_grid(pixels: np.ndarray, params: AffineParams, seed: int) -> np.ndarray:
+@dataclasses.dataclass(frozen=True)
+class VisualizeConfig:
+    image: str | None = option(None, "Image file (default: one from the embedded dataset).")
+    output: str = option("augmented.png", "PNG to write (an existing file is replaced only if "
+                                          "this job wrote it).")
+    image_size: int = option(150, "Side of the square image.")
+    seed: int = option(0, "Seed of the random draws.")
+    augmentation: AugmentConfig = group(AugmentConfig)
+
+
+def augmented_grid(pixels: np.ndarray, params: AugmentConfig, seed: int) -> np.ndarray:
     """Nine augmented copies [9, H, W] uint8 of one [H, W] uint8 image (first: original)."""
     import tensorflow as tf
+
     from pneumo_data.augment import augment_batch
     batch = tf.constant(np.repeat(pixels[None, :, :, None], 9, axis=0))
     out = augment_batch(batch, params, tf.constant([seed, 0], tf.int64)).numpy()[..., 0]
@@ -52,29 +55,45 @@ def write_grid(images: np.ndarray, output: str | os.PathLike, title: str) -> Pat
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     with replacing(output) as tmp:
-        fig.savefig(tmp, dpi=100)
+        fig.savefig(tmp, dpi=100, metadata={"Software": SOFTWARE_TAG})
     plt.close(fig)
     return Path(output)
 
 
-def main(argv):
-    del argv
-    path = FLAGS.image
+def _written_here(path: Path) -> bool:
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            return image.info.get("Software") == SOFTWARE_TAG
+    except OSError:
+        return False
+
+
+def visualize(config: VisualizeConfig) -> Path:
+    """Writes the grid; returns its path."""
+    output = Path(config.output)
+    if output.is_dir() or (output.exists() and not _written_here(output)):
+        raise UserError(f"--output {output} exists and was not written by this job; not "
+                        f"replacing it. Choose another --output")
+    path = config.image
     if path is None:
         from pneumo_data import synthetic
-        path = next(iter(sorted((synthetic.default_dataset_dir() / "train" / "PNEUMONIA").iterdir())))
+        folder = synthetic.default_dataset_dir() / "train" / "PNEUMONIA"
+        path = next(iter(sorted(folder.iterdir())))
     try:
-        pixels = decode.decode_to_gray(Path(path).read_bytes(), FLAGS.image_size)
+        pixels = decode.decode_to_gray(Path(path).read_bytes(), config.image_size)
     except (OSError, decode.DecodeError) as error:
-        raise SystemExit(f"visualize: cannot read {path}: {error}") from None
-    params = AffineParams(FLAGS.rotation_deg, FLAGS.width_shift, FLAGS.height_shift,
-                          FLAGS.shear_deg, FLAGS.zoom, FLAGS.horizontal_flip)
+        raise UserError(f"cannot read {path}: {error}") from None
+    params = config.augmentation
     title = (f"{Path(path).name}: rotation ±{params.rotation_deg}°, shear ±{params.shear_deg}°, "
              f"shift ±{params.width_shift:.0%}/±{params.height_shift:.0%}, "
              f"zoom ±{params.zoom:.0%}, flip={params.horizontal_flip}")
-    out = write_grid(augmented_grid(pixels, params, FLAGS.seed), FLAGS.output, title)
+    out = write_grid(augmented_grid(pixels, params, config.seed), output, title)
     print(f"wrote {out}")
+    return out
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from pneumo_data.common.jobs import run_job
+
+    run_job("visualize", VisualizeConfig, visualize)

@@ -25,15 +25,16 @@ from typing import Any
 
 import numpy as np
 
-from pneumo_data.atomic import write_text
-from pneumo_data.flagconfig import config_to_dict, option
-from pneumo_data.shards import file_sha256
+from pneumo_data.common.config import config_to_dict, option
+from pneumo_data.common.errors import UserError
+from pneumo_data.common.files import file_sha256, read_json
+from pneumo_data.common.outputs import OutputDir
 from pneumo_eval import metrics as metrics_lib
 
 log = logging.getLogger("pneumo.evaluate")
 
 
-class EvaluateError(ValueError):
+class EvaluateError(UserError):
     """The evaluation cannot run with these inputs; the message says why."""
 
 
@@ -48,7 +49,8 @@ class EvaluateConfig:
     split: str = option("test", "Split to evaluate.")
     threshold_policy: str = option("youden", "fixed[:T], youden or sensitivity:S; chosen "
                                              "on the val split.")
-    output_dir: str | None = option(None, "Where reports go (default: MODEL_DIR/eval-SPLIT).")
+    output_dir: str | None = option(None, "Where reports go (default: MODEL_DIR/eval-SPLIT; "
+                                          "required for several models).")
     bootstrap: int = option(1000, "Bootstrap replicates for the 95% intervals.")
     gradcam_examples: int = option(3, "Grad-CAM examples per kind (TP, FP, FN); 0: none.")
     batch_size: int = option(64, "Prediction batch size.")
@@ -98,7 +100,7 @@ def _pick_examples(pred: Predictions, threshold: float, k: int) -> list[tuple[st
     return chosen
 
 
-def _gradcam(model, data_dir, split, pred, threshold, k, out: Path) -> list[dict]:
+def _gradcam(model, data_dir, split, pred, threshold, k, path: Path) -> list[dict]:
     if k <= 0:
         return []
     import pneumo_data
@@ -119,37 +121,49 @@ def _gradcam(model, data_dir, split, pred, threshold, k, out: Path) -> list[dict
     heat = gradcam.grad_cam(model, stack)
     captions = [f"{kind} p={pred.scores[i]:.2f}\n{Path(pred.paths[i]).name}"
                 for kind, i in chosen]
-    plots.gradcam_png(stack, heat, captions, out / "gradcam.png",
+    plots.gradcam_png(stack, heat, captions, path,
                       title=f"Grad-CAM ({gradcam.last_conv_layer(model)[1]})")
     return [{"kind": kind, "path": str(pred.paths[i]), "score": float(pred.scores[i])}
             for kind, i in chosen]
 
 
-def evaluate_model(model_dir: Path, config: EvaluateConfig, out: Path) -> dict[str, Any]:
-    import keras
+def _run_record(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "run.json"
+    return read_json(path, "run record") if path.exists() else {}
 
-    import pneumo_models.models  # noqa: F401  (registers the custom layers)
+
+def evaluate_model(model_dir: Path, config: EvaluateConfig, out: OutputDir, prefix: str = ""
+                   ) -> dict[str, Any]:
+    """Evaluates one model; writes its report files as ``prefix + name`` into ``out``."""
     from pneumo_data import manifest as manifest_lib
     from pneumo_eval import plots
     from pneumo_eval.bootstrap import bootstrap_intervals
     from pneumo_eval.thresholds import choose_threshold
+    from pneumo_models.models import load_model
+    from pneumo_models.train import run_data_dir
 
     model_path = model_dir / "model.keras"
     if not model_path.exists():
         raise EvaluateError(f"{model_dir} has no model.keras (is the training finished?)")
-    run = json.loads((model_dir / "run.json").read_text()) if (model_dir / "run.json").exists() \
-        else {}
-    data_dir = config.data_dir or run.get("data_dir")
-    if not data_dir:
+    run = _run_record(model_dir)
+    data_dir = Path(config.data_dir) if config.data_dir else run_data_dir(model_dir, run)
+    if data_dir is None:
         raise EvaluateError(f"no --data_dir given and {model_dir}/run.json names none")
     m = manifest_lib.load_manifest(data_dir)
     m.require_split(config.split)
-    if "val" not in m.splits:
-        raise EvaluateError(f"{data_dir} has no val split to choose the threshold on")
-    model = keras.models.load_model(model_path)
+    if "val" not in m.splits or m.count("val") == 0:
+        raise EvaluateError(f"{data_dir} has no val images to choose the threshold on")
+    if m.count(config.split) == 0:
+        raise EvaluateError(f"split {config.split!r} of {data_dir} holds no images")
+    model = load_model(model_path)
 
     val = predict_split(model, data_dir, "val", config.batch_size)
-    choice = choose_threshold(val.labels, val.scores, config.threshold_policy, chosen_on="val")
+    try:
+        choice = choose_threshold(val.labels, val.scores, config.threshold_policy,
+                                  chosen_on="val")
+    except ValueError as error:
+        raise EvaluateError(f"cannot choose a threshold on the val split of {data_dir}: "
+                            f"{error}") from None
     pred = val if config.split == "val" else predict_split(model, data_dir, config.split,
                                                            config.batch_size)
     t = choice.threshold
@@ -157,29 +171,36 @@ def evaluate_model(model_dir: Path, config: EvaluateConfig, out: Path) -> dict[s
     intervals = bootstrap_intervals(pred.labels, pred.scores, t, groups=pred.patients,
                                     n_boot=config.bootstrap, seed=config.seed)
     subtypes = metrics_lib.subtype_sensitivity(pred.labels, pred.scores, pred.subtypes, t)
-    out.mkdir(parents=True, exist_ok=True)
     figures = {}
     name = run.get("model", model_dir.name)
-    figures["confusion_matrix"] = plots.confusion_matrix_png(pred.labels, pred.scores, t,
-                                                             out / "confusion_matrix.png")
+
+    def figure(key: str, filename: str) -> Path:
+        figures[key] = filename
+        return out.claim(prefix + filename)
+
+    plots.confusion_matrix_png(pred.labels, pred.scores, t,
+                               figure("confusion_matrix", "confusion_matrix.png"))
     if len(np.unique(pred.labels)) == 2:
-        figures["roc"] = plots.roc_png(pred.labels, pred.scores, t, point["roc_auc"],
-                                       out / "roc.png", title=f"ROC, {name}, {config.split}")
+        plots.roc_png(pred.labels, pred.scores, t, point["roc_auc"], figure("roc", "roc.png"),
+                      title=f"ROC, {name}, {config.split}")
     if pred.labels.sum() > 0:
-        figures["pr"] = plots.pr_png(pred.labels, pred.scores, point["pr_auc"], out / "pr.png")
-    figures["calibration"] = plots.calibration_png(pred.labels, pred.scores, point["brier"],
-                                                   out / "calibration.png")
-    figures["histogram"] = plots.histogram_png(pred.labels, pred.scores, t,
-                                               out / "score_histogram.png")
-    examples = _gradcam(model, data_dir, config.split, pred, t, config.gradcam_examples, out)
-    if examples:
-        figures["gradcam"] = out / "gradcam.png"
+        plots.pr_png(pred.labels, pred.scores, point["pr_auc"], figure("pr", "pr.png"))
+    plots.calibration_png(pred.labels, pred.scores, point["brier"],
+                          figure("calibration", "calibration.png"))
+    plots.histogram_png(pred.labels, pred.scores, t, figure("histogram", "score_histogram.png"))
+    if config.gradcam_examples > 0:
+        examples = _gradcam(model, data_dir, config.split, pred, t, config.gradcam_examples,
+                            out.claim(prefix + "gradcam.png"))
+        if examples:
+            figures["gradcam"] = "gradcam.png"
+    else:
+        examples = []
     report = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"dir": str(model_dir.resolve()), "name": name,
+        "model": {"dir": str(model_dir), "name": name,
                   "file_sha256": file_sha256(model_path), "precision": run.get("precision"),
                   "trained": {k: run.get(k) for k in ("tensorflow", "keras", "train_counts")}},
-        "data": {"dir": str(Path(data_dir).resolve()), "split": config.split,
+        "data": {"dir": str(data_dir), "split": config.split,
                  "manifest_created": m.data["created"],
                  "manifest_sha256": file_sha256(Path(data_dir) / manifest_lib.MANIFEST_NAME),
                  "images": int(pred.labels.size), "patients": int(len(set(pred.patients))),
@@ -195,14 +216,16 @@ def evaluate_model(model_dir: Path, config: EvaluateConfig, out: Path) -> dict[s
         "undefined": metrics_lib.undefined_reasons(point),
         "subtype_sensitivity": subtypes,
         "gradcam_examples": examples,
-        "figures": {k: Path(v).name for k, v in figures.items()},
+        "figures": figures,
         "options": config_to_dict(config),
     }
     report = metrics_lib.json_ready(report)
-    write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
-    write_text(out / "report.md", report_markdown(report))
-    np.savez_compressed(out / "predictions.npz", labels=pred.labels, scores=pred.scores,
-                        patients=pred.patients, subtypes=pred.subtypes, paths=pred.paths)
+    out.write_text(prefix + "report.json", json.dumps(report, indent=1) + "\n")
+    out.write_text(prefix + "report.md", report_markdown(report))
+    with out.replacing(prefix + "predictions.npz") as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, labels=pred.labels, scores=pred.scores,
+                                patients=pred.patients, subtypes=pred.subtypes, paths=pred.paths)
     return report
 
 
@@ -264,34 +287,42 @@ def evaluate(config: EvaluateConfig) -> list[dict[str, Any]]:
     if config.bootstrap < 1 or config.batch_size < 1 or config.gradcam_examples < 0:
         raise EvaluateError("bootstrap and batch_size must be positive, gradcam_examples >= 0")
     from pneumo_eval.thresholds import parse_policy
-    parse_policy(config.threshold_policy)
+    try:
+        parse_policy(config.threshold_policy)
+    except ValueError as error:
+        raise EvaluateError(str(error)) from None
     dirs = [Path(d) for d in config.model_dir]
     for d in dirs:
         if not (d / "model.keras").exists():
             raise EvaluateError(f"{d} has no model.keras (is the training finished?)")
     several = len(dirs) > 1
-    root = Path(config.output_dir) if config.output_dir else None
+    if several and not config.output_dir:
+        raise EvaluateError("several --model_dir need an --output_dir for the reports and "
+                            "the comparison")
+    if several and len({d.name for d in dirs}) < len(dirs):
+        raise EvaluateError("the model_dirs must have different folder names (each gets a "
+                            "subfolder of --output_dir named after it)")
     reports = []
-    for d in dirs:
-        if root is None:
-            out = d / f"eval-{config.split}"
-        else:
-            out = root / d.name if several else root
-        log.info("evaluating %s on %s -> %s", d, config.split, out)
-        reports.append(evaluate_model(d, config, out))
-        print(report_markdown(reports[-1]), flush=True)
     if several:
-        base = root or Path(".")
-        base.mkdir(parents=True, exist_ok=True)
-        write_text(base / "comparison.md", comparison_markdown(reports))
-        write_text(base / "comparison.json", json.dumps(reports, indent=1) + "\n")
+        with OutputDir(config.output_dir, job="evaluate") as out:
+            for d in dirs:
+                out.subdir(d.name)
+                log.info("evaluating %s on %s -> %s", d, config.split, out.path / d.name)
+                reports.append(evaluate_model(d, config, out, prefix=f"{d.name}/"))
+                print(report_markdown(reports[-1]), flush=True)
+            out.write_text("comparison.md", comparison_markdown(reports))
+            out.write_text("comparison.json", json.dumps(reports, indent=1) + "\n")
         print(comparison_markdown(reports))
+        return reports
+    target = Path(config.output_dir) if config.output_dir else dirs[0] / f"eval-{config.split}"
+    with OutputDir(target, job="evaluate") as out:
+        log.info("evaluating %s on %s -> %s", dirs[0], config.split, out.path)
+        reports.append(evaluate_model(dirs[0], config, out))
+    print(report_markdown(reports[-1]), flush=True)
     return reports
 
 
-
 if __name__ == "__main__":
-    from pneumo_data.flagconfig import run_job
-    from pneumo_data.manifest import ManifestError
+    from pneumo_data.common.jobs import run_job
 
-    run_job("evaluate", EvaluateConfig, evaluate, (EvaluateError, ManifestError, ValueError))
+    run_job("evaluate", EvaluateConfig, evaluate)

@@ -17,7 +17,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-
 _POOLING = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
             keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D,
             keras.layers.ZeroPadding2D, keras.layers.InputLayer)

@@ -8,7 +8,7 @@ import numpy as np
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from pneumo_data.atomic import replacing
+from pneumo_data.common.files import replacing
 from pneumo_eval.metrics import confusion
 
 

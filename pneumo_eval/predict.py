@@ -8,8 +8,10 @@ Images are decoded the way ingest decodes them (any JPEG/PNG, EXIF
 orientation, 16-bit, CMYK; grayscale; stretched to the stored size) and then
 resized to the model's input like the pipeline does. A file that cannot be
 read gets a row with its error instead of a probability; the job never stops
-on one bad file. The CSV is written under a temporary name and renamed when
-complete.
+on one bad file. The CSV is written under a partial name and renamed when
+complete. An existing ``--output`` is replaced only when it is an earlier
+predictions CSV of this job (same header); any other file is refused before
+any work is done.
 """
 
 from __future__ import annotations
@@ -22,11 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo_data.atomic import replacing
-from pneumo_data.flagconfig import option
+from pneumo_data.common.config import option
+from pneumo_data.common.errors import UserError
+from pneumo_data.common.files import read_json, replacing
 
 log = logging.getLogger("pneumo.predict")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+COLUMNS = ("path", "probability", "decision", "threshold", "error")
+
+
+class PredictError(UserError):
+    """The job cannot run with these inputs; the message says why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,39 +54,69 @@ def _files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise FileNotFoundError(f"--input {path} does not exist")
+        raise PredictError(f"--input {path} does not exist")
     return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
 def _stored_size(config: PredictConfig, model_dir: Path) -> int:
+    from pneumo_models.train import run_data_dir
     if config.stored_size:
         return config.stored_size
     try:
         run = json.loads((model_dir / "run.json").read_text())
-        manifest = json.loads((Path(run["data_dir"]) / "manifest.json").read_text())
+        manifest = json.loads((run_data_dir(model_dir, run) / "manifest.json").read_text())
         return int(manifest["image"]["size"])
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, TypeError):
+        log.warning("the stored size of %s's training data is unknown; using 256 "
+                    "(set --stored_size)", model_dir)
         return 256
 
 
+def _check_output(out: Path) -> None:
+    """Refuses an --output that is a folder, or a file this job did not write."""
+    if out.is_dir():
+        raise PredictError(f"--output {out} is a folder; give a CSV file path")
+    if out.exists():
+        with open(out, newline="", errors="replace") as handle:
+            header = handle.readline().strip()
+        if header != ",".join(COLUMNS):
+            raise PredictError(f"--output {out} exists and is not a predictions CSV of this "
+                               f"job; not replacing it. Choose another --output")
+
+
+def _threshold_from(path: str) -> float:
+    report = read_json(path, "--threshold_from")
+    try:
+        return report["threshold"]["value"]
+    except (KeyError, TypeError):
+        raise PredictError(f"--threshold_from {path} is not a report.json of "
+                           f"pneumo_eval.evaluate (no threshold.value)") from None
+
+
 def predict(config: PredictConfig) -> Path:
-    import keras
     import tensorflow as tf
 
-    import pneumo_models.models  # noqa: F401  (registers custom layers)
     from pneumo_data.decode import DecodeError, decode_to_gray
     from pneumo_eval.metrics import check_threshold
+    from pneumo_models.models import load_model
 
     if not config.model_dir or not config.input:
-        raise ValueError("--model_dir and --input are required")
+        raise PredictError("--model_dir and --input are required")
+    if config.batch_size < 1 or config.stored_size < 0:
+        raise PredictError("--batch_size must be positive and --stored_size >= 0")
     model_dir = Path(config.model_dir)
-    threshold = config.threshold
-    if config.threshold_from:
-        report = json.loads(Path(config.threshold_from).read_text())
-        threshold = report["threshold"]["value"]
-    threshold = check_threshold(threshold)
+    out = Path(config.output)
+    _check_output(out)
+    threshold = _threshold_from(config.threshold_from) if config.threshold_from \
+        else config.threshold
+    try:
+        threshold = check_threshold(threshold)
+    except ValueError as error:
+        raise PredictError(str(error)) from None
     files = _files(Path(config.input))
-    model = keras.models.load_model(model_dir / "model.keras")
+    if not (model_dir / "model.keras").exists():
+        raise PredictError(f"{model_dir} has no model.keras (is the training finished?)")
+    model = load_model(model_dir / "model.keras")
     size = int(model.inputs[0].shape[1])
     stored = _stored_size(config, model_dir)
 
@@ -114,10 +152,8 @@ def predict(config: PredictConfig) -> Path:
         if len(batch) >= config.batch_size:
             flush()
     flush()
-    out = Path(config.output)
     with replacing(out) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["path", "probability", "decision",
-                                                    "threshold", "error"])
+        writer = csv.DictWriter(handle, fieldnames=list(COLUMNS))
         writer.writeheader()
         writer.writerows(rows)
     bad = sum(1 for r in rows if r["error"])
@@ -125,8 +161,7 @@ def predict(config: PredictConfig) -> Path:
     return out
 
 
-
 if __name__ == "__main__":
-    from pneumo_data.flagconfig import run_job
+    from pneumo_data.common.jobs import run_job
 
-    run_job("predict", PredictConfig, predict, (ValueError, FileNotFoundError, KeyError))
+    run_job("predict", PredictConfig, predict)

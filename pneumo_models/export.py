@@ -11,12 +11,16 @@ preprocessing. The output ``probability`` is the pneumonia probability [N].
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-import shutil
 from pathlib import Path
 
 import keras
 import tensorflow as tf
+
+from pneumo_data.common import files
+from pneumo_data.common.errors import UserError
 
 
 def decode_for_model(data: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -53,14 +57,40 @@ class _Serving(tf.Module):
         return {"probability": tf.reshape(tf.cast(probability, tf.float32), [-1])}
 
 
-def export_serving(model: keras.Model, export_dir: str | os.PathLike) -> Path:
-    """Writes the SavedModel to ``export_dir`` (via a temporary folder, then rename)."""
+@contextlib.contextmanager
+def _quiet_saving():
+    """``tf.saved_model.save`` turns absl's log level to INFO and logs its sharding and
+    fingerprint steps; keep those out of the job's output (warnings still pass)."""
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+
+    def warnings_only(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+    absl_logger.addFilter(warnings_only)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(warnings_only)
+        absl_logger.setLevel(level)
+
+
+def export_serving(model: keras.Model, export_dir: str | os.PathLike, *, out=None) -> Path:
+    """Writes the SavedModel to ``export_dir`` (a partial folder, then renamed).
+
+    Inside a job pass its :class:`~pneumo_data.common.outputs.OutputDir` as ``out`` (the
+    folder is claimed in its ledger). Without one, an existing ``export_dir`` is replaced only
+    when it is a SavedModel (holds ``saved_model.pb``), never another folder.
+    """
     export_dir = Path(export_dir)
-    partial = export_dir.with_name(export_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
     module = _Serving(model)
-    tf.saved_model.save(module, str(partial), signatures={"serving_default": module.serve})
-    if export_dir.exists():
-        shutil.rmtree(export_dir)
-    os.replace(partial, export_dir)
+    if out is not None:
+        context = out.replacing_dir(export_dir.resolve().relative_to(out.path.resolve()))
+    else:
+        if (export_dir.exists() and (not export_dir.is_dir() or any(export_dir.iterdir()))
+                and not (export_dir / "saved_model.pb").exists()):
+            raise UserError(f"{export_dir} exists and is not a SavedModel; not replacing it")
+        context = files.replacing_dir(export_dir)
+    with context as tmp, _quiet_saving():
+        tf.saved_model.save(module, str(tmp), signatures={"serving_default": module.serve})
     return export_dir

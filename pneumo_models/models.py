@@ -22,27 +22,29 @@ whole model.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from pathlib import Path
 
 import keras
 
-from pneumo_data.augment import AffineParams, RandomAffine
+from pneumo_data.augment import RandomAffine
+from pneumo_data.common.errors import UserError
+from pneumo_data.config import AugmentConfig
+from pneumo_models.config import MODELS
 from pneumo_models.layers import Preprocess
 from pneumo_models.precision import dtype_policy
 
-MODELS = ("manual_cnn", "vgg16", "resnet50")
 BACKBONES = {
     "vgg16": ("VGG16", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
               "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"),
     "resnet50": ("ResNet50", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
                  "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"),
 }
-LAST_CONV = {"manual_cnn": "conv2", "vgg16": "block5_conv3", "resnet50": "conv5_block3_out"}
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(UserError):
     """ImageNet weights are neither cached nor downloadable here."""
 
 
@@ -78,37 +80,38 @@ def imagenet_weights_file(name: str) -> str:
     return keras.utils.get_file(filename, base_url + filename, cache_subdir="models")
 
 
-def _augmentation(augment, backend: str):
+def _augmentation(augment, backend: str, seed: int | None):
     if augment is None or augment is False:
         return None
-    params = AffineParams() if augment is True else augment
-    if not isinstance(params, AffineParams):
-        raise TypeError(f"augment must be a bool or AffineParams, got {augment!r}")
-    return RandomAffine(**vars(params), backend=backend, name="augment")
+    params = AugmentConfig() if augment is True else augment
+    if not isinstance(params, AugmentConfig):
+        raise TypeError(f"augment must be a bool or AugmentConfig, got {augment!r}")
+    return RandomAffine(**dataclasses.asdict(params), backend=backend, seed=seed, name="augment")
 
 
 def build_model(name: str, *, image_size: int = 150, weights: str = "auto",
-                augment: bool | AffineParams | None = True, augment_backend: str = "kernel",
+                augment: bool | AugmentConfig | None = True, augment_backend: str = "kernel",
                 precision: str = "float32", dropout: float = 0.5, seed: int | None = None
                 ) -> keras.Model:
     """Builds ``name`` (one of MODELS) for uint8 [image_size, image_size, 1] input.
 
     Args:
-      augment: True (the old recipe's ranges), AffineParams, or False/None.
+      augment: True (the old recipe's ranges), an AugmentConfig, or False/None.
       augment_backend: ``kernel`` or ``gather`` (use gather under XLA).
       precision: a Keras dtype policy name (already resolved, not ``auto``).
-      seed: seeds the weight initializers (reproducible builds).
+      seed: seeds the weight initializers and the augmentation layer (reproducible
+        builds and draws).
     """
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
+        raise UserError(f"unknown model {name!r}; choose one of {MODELS}")
     if not isinstance(image_size, int) or image_size < 32:
-        raise ValueError(f"image_size must be an integer >= 32, got {image_size!r}")
+        raise UserError(f"image_size must be an integer >= 32, got {image_size!r}")
     if seed is not None:
         keras.utils.set_random_seed(seed)
     with dtype_policy(precision):
         inputs = keras.Input((image_size, image_size, 1), dtype="uint8", name="image")
         x = inputs
-        layer = _augmentation(augment, augment_backend)
+        layer = _augmentation(augment, augment_backend, seed)
         if layer is not None:
             x = layer(x)
         if name == "manual_cnn":
@@ -133,7 +136,7 @@ def build_model(name: str, *, image_size: int = 150, weights: str = "auto",
                                      name="probability")(x)
         model = keras.Model(inputs, outputs, name=name)
     if name == "manual_cnn" and weights == "imagenet":
-        raise ValueError("manual_cnn has no ImageNet weights; use --weights=none or a file")
+        raise UserError("manual_cnn has no ImageNet weights; use --weights=none or a file")
     if name == "manual_cnn" and weights not in ("auto", "none", None):
         model.load_weights(_existing(weights))
     return model
@@ -141,8 +144,24 @@ def build_model(name: str, *, image_size: int = 150, weights: str = "auto",
 
 def _existing(path: str) -> str:
     if not Path(path).is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
+        raise UserError(f"weights file {path} does not exist")
     return path
+
+
+def load_model(path: str | os.PathLike, **kwargs) -> keras.Model:
+    """Loads a model saved by pneumo (``.keras``), its custom layers included.
+
+    Raises UserError when the file is missing or is not a Keras model file.
+    """
+    import zipfile
+
+    from pneumo_models import layers  # noqa: F401  (registers Preprocess)
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not a Keras model file (.keras)")
+    return keras.models.load_model(path, **kwargs)
 
 
 def _backbone(name: str, image_size: int, weights: str) -> keras.Model:

@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The real X-rays sit beside the checkout (../shared/data); PNEUMO_SHARED_DATA points
+# elsewhere (a git worktree, a CI cache).
+SHARED_DATA = Path(os.environ.get("PNEUMO_SHARED_DATA",
+                                  Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
 def write_image(path: Path, value: int = 128, size=(40, 32), mode="L", fmt=None, seed=0):

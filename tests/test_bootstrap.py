@@ -31,7 +31,9 @@ def test_patient_resampling_widens_intervals_for_correlated_images():
     patients = np.repeat(np.arange(50), 8)
     by_image = bootstrap_intervals(y, s, 0.5, n_boot=300, seed=0)
     by_patient = bootstrap_intervals(y, s, 0.5, groups=patients, n_boot=300, seed=0)
-    width = lambda ci: ci["accuracy"]["high"] - ci["accuracy"]["low"]
+    def width(ci):
+        return ci["accuracy"]["high"] - ci["accuracy"]["low"]
+
     assert width(by_patient) > 1.8 * width(by_image)
     assert by_patient["_meta"]["unit"] == "patient" and by_patient["_meta"]["clusters"] == 50
 

@@ -17,10 +17,20 @@ def gray(value=100, size=(40, 30)):
     return Image.fromarray(np.full(size[::-1], value, np.uint8), "L")
 
 
-@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "LA", "1"])
-def test_modes_become_gray_uint8(mode):
+@pytest.mark.parametrize("mode,exact", [("L", True), ("RGB", True), ("RGBA", True),
+                                        ("LA", True), ("P", False), ("1", False)])
+def test_modes_become_gray_uint8_with_the_right_values(mode, exact):
     out = decode_to_gray(encoded(gray(200).convert(mode), "PNG"), 16)
     assert out.shape == (16, 16) and out.dtype == np.uint8
+    if exact:  # lossless gray in any container decodes to the same grey level
+        assert (out == 200).all(), np.unique(out)
+    else:  # palette quantisation / 1-bit dithering keep the mean grey level
+        assert abs(float(out.mean()) - 200) < 12, out.mean()
+
+
+def test_colour_converts_with_luma_weights():
+    rgb = Image.fromarray(np.dstack([np.full((8, 8), v, np.uint8) for v in (255, 0, 0)]), "RGB")
+    assert (decode_to_gray(encoded(rgb, "PNG"), 8) == 76).all()  # 0.299 * 255
 
 
 def test_cmyk_jpeg():

@@ -9,10 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import pneumo_data
+from pneumo_data.common.config import with_leaves
+from pneumo_data.common.errors import UserError
+from pneumo_data.manifest import ManifestError
 from pneumo_eval import evaluate as ev
 from pneumo_eval.metrics import binary_metrics
-from pneumo_eval.predict import PredictConfig, predict
+from pneumo_eval.predict import PredictConfig, PredictError, predict
 from pneumo_eval.thresholds import choose_threshold
+from pneumo_models.models import load_model
 from pneumo_models.train import TrainConfig, train
 
 ROOT = Path(__file__).parents[1]
@@ -23,9 +28,9 @@ def model_dirs(prepared, tmp_path_factory):
     dirs = []
     for seed in (0, 1):
         out = tmp_path_factory.mktemp(f"model{seed}")
-        train(TrainConfig(data_dir=str(prepared), model_dir=str(out), image_size=32,
-                          batch_size=16, epochs=2, precision="float32", seed=seed,
-                          early_stopping_patience=0))
+        train(with_leaves(TrainConfig(), data_dir=str(prepared), model_dir=str(out),
+                          image_size=32, batch_size=16, epochs=2, precision="float32",
+                          seed=seed, early_stopping_patience=0))
         dirs.append(out)
     return dirs
 
@@ -39,9 +44,7 @@ def config(dirs, out, **kw):
 
 def test_report_threshold_from_val_applied_to_test(model_dirs, prepared, tmp_path):
     (report,) = ev.evaluate(config(model_dirs[:1], tmp_path, threshold_policy="youden"))
-    import keras
-    import pneumo_models.models  # noqa: F401
-    model = keras.models.load_model(model_dirs[0] / "model.keras")
+    model = load_model(model_dirs[0] / "model.keras")
     val = ev.predict_split(model, prepared, "val", 64)
     test = ev.predict_split(model, prepared, "test", 64)
     chosen = choose_threshold(val.labels, val.scores, "youden")
@@ -80,11 +83,11 @@ def test_bad_evaluate_inputs(model_dirs, tmp_path):
         ev.evaluate(config([tmp_path], tmp_path / "o"))
     with pytest.raises(ValueError, match="unknown threshold policy"):
         ev.evaluate(config(model_dirs[:1], tmp_path / "o", threshold_policy="best"))
-    with pytest.raises(Exception, match="no split 'holdout'"):
+    with pytest.raises(ManifestError, match="no split 'holdout'"):
         ev.evaluate(config(model_dirs[:1], tmp_path / "o", split="holdout"))
 
 
-def test_predict_handles_broken_files(model_dirs, synthetic_source, tmp_path):
+def test_predict_handles_broken_files(model_dirs, synthetic_source, prepared, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
     good = sorted((synthetic_source / "test" / "PNEUMONIA").iterdir())[:3]
@@ -103,6 +106,20 @@ def test_predict_handles_broken_files(model_dirs, synthetic_source, tmp_path):
     assert rows["broken.jpeg"]["error"] and rows["broken.jpeg"]["probability"] == ""
     assert "not an image" in rows["notes.txt"]["error"]
     # Same probabilities as the model on the pipeline's images of those files.
+    model = load_model(model_dirs[0] / "model.keras")
+    size = int(model.inputs[0].shape[1])
+    wanted = {f"test/PNEUMONIA/{p.name}" for p in good}
+    found = {}
+    for images, _, meta in pneumo_data.eval_dataset(prepared, "test", image_size=size,
+                                                    with_metadata=True):
+        for image, path in zip(images.numpy(), meta["source_path"].numpy()):
+            if path.decode() in wanted:
+                found[path.decode().split("/")[-1]] = image
+    assert set(found) == {p.name for p in good}
+    batch = np.stack([found[p.name] for p in good])
+    expected = np.asarray(model(batch, training=False))[:, 0]
+    got = np.array([float(rows[p.name]["probability"]) for p in good])
+    np.testing.assert_allclose(got, expected, atol=2e-6)
     assert not list(tmp_path.glob("*partial*"))
 
 
@@ -112,3 +129,40 @@ def test_evaluate_cli_error_is_clear(tmp_path):
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert proc.returncode != 0 and "evaluate: error:" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def predict_cli(*args):
+    return subprocess.run([sys.executable, "-m", "pneumo_eval.predict", *args], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def test_predict_refuses_outputs_it_did_not_write_before_any_work(model_dirs, synthetic_source,
+                                                                   tmp_path):
+    image = next((synthetic_source / "test" / "NORMAL").iterdir())
+    mine = tmp_path / "mine.csv"
+    mine.write_text("patient,notes\n1,keep\n")
+    for output, match in ((tmp_path, "is a folder"), (mine, "not a predictions CSV")):
+        with pytest.raises(PredictError, match=match):
+            predict(PredictConfig(model_dir=str(model_dirs[0]), input=str(image),
+                                  output=str(output)))
+    assert mine.read_text() == "patient,notes\n1,keep\n"
+    first = predict(PredictConfig(model_dir=str(model_dirs[0]), input=str(image),
+                                  output=str(tmp_path / "p.csv")))
+    again = predict(PredictConfig(model_dir=str(model_dirs[0]), input=str(image),
+                                  output=str(first), threshold=0.9))  # its own file: replaced
+    assert "0.9" in again.read_text()
+    (tmp_path / "report.txt").write_text("not json")
+    proc = predict_cli(f"--model_dir={model_dirs[0]}", f"--input={image}",
+                       f"--output={tmp_path / 'q.csv'}",
+                       f"--threshold_from={tmp_path / 'report.txt'}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"predict: error: --threshold_from {tmp_path / 'report.txt'} is not valid JSON" in (
+        proc.stderr)
+    assert not (tmp_path / "q.csv").exists()
+
+
+def test_evaluate_refuses_an_output_folder_with_someone_elses_files(model_dirs, tmp_path):
+    (tmp_path / "theirs.txt").write_text("keep")
+    with pytest.raises(UserError, match="theirs.txt"):
+        ev.evaluate(config(model_dirs[:1], tmp_path))
+    assert [p.name for p in tmp_path.iterdir()] == ["theirs.txt"]

@@ -1,6 +1,6 @@
 import pytest
 
-from pneumo_data.atomic import replacing, write_text
+from pneumo_data.common.files import replacing, write_text
 
 
 def test_write_text_replaces_whole_file(tmp_path):

@@ -1,8 +1,8 @@
+import keras
 import numpy as np
 import pytest
 from PIL import Image
 
-import keras
 from pneumo_data import synthetic
 from pneumo_eval.gradcam import grad_cam, last_conv_layer
 from pneumo_models.models import build_model

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from pneumo_eval.metrics import (binary_metrics, json_ready, subtype_sensitivity,
-                                 undefined_reasons)
+from pneumo_eval.metrics import binary_metrics, json_ready, subtype_sensitivity, undefined_reasons
 
 
 def sklearn_reference(y, s, t):

@@ -1,8 +1,9 @@
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import keras
+from pneumo_data.common.errors import UserError
 from pneumo_models import models, precision
 from pneumo_models.layers import Preprocess
 
@@ -66,8 +67,8 @@ def test_caffe_preprocessing_matches_keras_applications():
     gray = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 1)).astype("uint8")
     ours = Preprocess("caffe")(gray).numpy()
     rgb = np.repeat(gray.astype("float32"), 3, axis=-1)
-    np.testing.assert_allclose(ours, keras.applications.vgg16.preprocess_input(rgb.copy()), atol=1e-4)
-    np.testing.assert_allclose(ours, keras.applications.resnet50.preprocess_input(rgb.copy()), atol=1e-4)
+    for application in (keras.applications.vgg16, keras.applications.resnet50):
+        np.testing.assert_allclose(ours, application.preprocess_input(rgb.copy()), atol=1e-4)
     np.testing.assert_allclose(Preprocess("unit")(gray).numpy(), gray / 255.0, atol=1e-6)
 
 
@@ -75,8 +76,7 @@ def test_caffe_preprocessing_matches_keras_applications():
 def test_precision_policies_train(policy):
     images, labels = tiny_data()
     model = compiled("manual_cnn", policy)
-    assert model.get_layer("conv1").compute_dtype == policy.replace("mixed_", "").replace(
-        "float32", "float32")
+    assert model.get_layer("conv1").compute_dtype == policy.removeprefix("mixed_")
     model.fit(images, labels, batch_size=8, epochs=2, verbose=0)
     if policy == "mixed_float16":
         assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
@@ -88,6 +88,18 @@ def test_precision_policies_train(policy):
 def test_xla_train_step_keeps_augmentation_with_gather_backend():
     images, labels = tiny_data()
     model = compiled("manual_cnn", jit=True, backend="gather")
+    layer = model.get_layer("augment")
+    assert layer.backend == "gather"
+    # The augmentation compiles under XLA and really changes the images in training...
+    warp = tf.function(lambda x: layer(x, training=True), jit_compile=True)
+    augmented = warp(images).numpy()
+    assert augmented.shape == images.shape and not np.allclose(augmented, images)
+    np.testing.assert_array_equal(layer(images, training=False).numpy(), images)
+    # ...which the kernel back end cannot do (no XLA kernel for ImageProjectiveTransformV3).
+    kernel = models.build_model("manual_cnn", image_size=SIZE, weights="none",
+                                augment_backend="kernel", seed=0).get_layer("augment")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="ImageProjectiveTransform"):
+        tf.function(lambda x: kernel(x, training=True), jit_compile=True)(images)
     history = model.fit(images, labels, batch_size=8, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
 
@@ -106,7 +118,7 @@ def test_weights_file_for_backbone_and_whole_model(tmp_path):
                               weights=str(tmp_path / "cnn.weights.h5"), seed=2)
     np.testing.assert_array_equal(cnn.get_layer("fc").kernel.numpy(),
                                   cnn2.get_layer("fc").kernel.numpy())
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError, match="does not exist"):
         models.build_model("manual_cnn", image_size=SIZE, weights=str(tmp_path / "nope.h5"))
 
 

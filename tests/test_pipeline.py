@@ -62,12 +62,13 @@ def test_eval_covers_each_example_exactly_once(prepared):
         ds = pneumo_data.eval_dataset(prepared, split, batch_size=7, image_size=16,
                                       with_metadata=True)
         paths, labels = [], []
-        for x, y, meta in ds:
+        for _, y, meta in ds:
             paths += [p.decode() for p in meta["source_path"].numpy()]
             labels += list(y.numpy()[:, 0])
         expected = {r["path"]: r["label"] for r in m.data["files"]
                     if r["status"] == "written" and r["split"] == split}
-        assert len(paths) == len(set(paths)) == len(expected) == pneumo_data.eval_size(prepared, split)
+        assert len(paths) == len(set(paths)) == len(expected)
+        assert len(paths) == pneumo_data.eval_size(prepared, split)
         assert set(paths) == set(expected)
         assert [expected[p] == "pneumonia" for p in paths] == [bool(v) for v in labels]
         again = [p.decode() for _, _, meta in ds for p in meta["source_path"].numpy()]

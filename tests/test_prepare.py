@@ -1,5 +1,7 @@
+import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,7 +83,7 @@ def test_records_carry_metadata_and_pixels(tmp_path):
     assert rec["patient_id"] == b"person1_virus" and rec["subtype"] == b"viral"
     assert rec["source_path"] == b"PNEUMONIA/person1_virus_1.png"
     source_bytes = (src / "PNEUMONIA" / "person1_virus_1.png").read_bytes()
-    assert rec["source_sha256"].decode() == shards.hashlib.sha256(source_bytes).hexdigest()
+    assert rec["source_sha256"].decode() == hashlib.sha256(source_bytes).hexdigest()
     from PIL import Image
     expected = np.asarray(Image.open(src / "PNEUMONIA" / "person1_virus_1.png"))
     np.testing.assert_array_equal(rec["image"][..., 0], expected)
@@ -139,7 +141,7 @@ def test_rerun_is_noop_and_other_options_need_overwrite(tmp_path):
     m3 = run(src, tmp_path / "out", image_size=16, overwrite=True)
     assert m3.image_size == 16
     m3.verify()
-    names = {p.name for p in (tmp_path / "out").iterdir()}
+    names = {p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".pneumo")}
     assert names == {"manifest.json"} | {e["file"] for s in m3.splits for c in m3.classes
                                          for e in m3.shard_entries(s, c)}
 
@@ -206,7 +208,144 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pneumo_data.prepare",
                            f"--source_dir={tmp_path}", f"--output_dir={tmp_path / 'o'}",
                            "--noprogress"], capture_output=True, text=True,
-                          cwd=Path(__file__).parents[1], env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+                          cwd=Path(__file__).parents[1])
     assert proc.returncode != 0
     assert "prepare: error:" in proc.stderr and "unknown layout" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "pneumo_data.prepare", "--noprogress", *args],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1],
+                          timeout=timeout)
+
+
+def test_a_folder_holding_a_users_files_is_refused_and_left_untouched(tmp_path):
+    src = kaggle_source(tmp_path)
+    out = tmp_path / "u"
+    out.mkdir()
+    mine = out / "mine.tfrecord"
+    mine.write_bytes(os.urandom(5000))
+    before = mine.read_bytes()
+    proc = cli(f"--source_dir={src}", f"--output_dir={out}", "--image_size=32")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "prepare: error:" in proc.stderr and "mine.tfrecord" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["mine.tfrecord"]
+    assert mine.read_bytes() == before
+    # --overwrite does not change that: it only ever replaces prepare's own files.
+    proc = cli(f"--source_dir={src}", f"--output_dir={out}", "--image_size=32", "--overwrite")
+    assert proc.returncode == 1 and mine.read_bytes() == before
+
+
+def test_overwrite_keeps_a_users_file_added_to_a_prepared_folder(tmp_path):
+    src = kaggle_source(tmp_path)
+    out = tmp_path / "out"
+    run(src, out)
+    (out / "notes.txt").write_text("mine")
+    m = run(src, out, image_size=16, overwrite=True)
+    m.verify()
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_folder_being_written_is_refused_at_once(tmp_path):
+    from pneumo_data.common.outputs import OutputDir
+    src = kaggle_source(tmp_path)
+    out = tmp_path / "out"
+    with OutputDir(out, "prepare"):
+        proc = cli(f"--source_dir={src}", f"--output_dir={out}", "--image_size=32")
+    assert proc.returncode == 1
+    assert f"is being written by pid {os.getpid()}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_two_prepares_started_together_leave_one_verified_dataset(tmp_path):
+    src = kaggle_source(tmp_path)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "pneumo_data.prepare", "--noprogress", f"--source_dir={src}",
+            f"--output_dir={out}", "--image_size=32", "--num_workers=1"]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).parents[1])
+    import time
+    time.sleep(0.3)
+    second = subprocess.run(args, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    _, first_err = first.communicate(timeout=300)
+    codes = sorted([first.returncode, second.returncode])
+    assert codes in ([0, 0], [0, 1]), (first_err[-1500:], second.stderr[-1500:])
+    for code, err in ((first.returncode, first_err), (second.returncode, second.stderr)):
+        assert "Traceback" not in err
+        if code == 1:
+            assert "is being written by pid" in err
+    m = manifest.load_manifest(out)
+    m.verify(checksums=True)
+    rerun = run(src, out)  # and a third run finds it complete
+    assert rerun.data == m.data
+
+
+def test_up_to_date_check_verifies_checksums_and_rewrites_a_damaged_dataset(tmp_path):
+    src = kaggle_source(tmp_path)
+    out = tmp_path / "out"
+    m = run(src, out)
+    shard = Path(m.shard_paths("train", "normal")[0])
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, different bytes
+    shard.write_bytes(bytes(data))
+    with pytest.raises(PrepareError, match="damaged.*sha256"):
+        run(src, out)
+    m2 = run(src, out, overwrite=True)
+    m2.verify(checksums=True)
+
+
+def test_symlinks_dangling_links_and_unexpected_folders_are_recorded(tmp_path):
+    src = kaggle_source(tmp_path)
+    extra = tmp_path / "elsewhere"
+    write_image(extra / "person77_virus_1.jpeg", value=200, seed=77)
+    (src / "train" / "PNEUMONIA" / "linked").symlink_to(extra, target_is_directory=True)
+    (src / "train" / "NORMAL" / "gone.jpeg").symlink_to(tmp_path / "missing.jpeg")
+    (src / "train" / "PNEUMONIA" / "loop").symlink_to(src / "train" / "PNEUMONIA",
+                                                      target_is_directory=True)
+    (src / "extras").mkdir()
+    write_image(src / "extras" / "IM-0999-0001.jpeg")
+    (src / "README.txt").write_text("about")
+    (src / "train" / "OTHER").mkdir()
+    m = run(src, tmp_path / "out")
+    rows = {r["path"]: r for r in m.data["files"]}
+    assert rows["train/PNEUMONIA/linked/person77_virus_1.jpeg"]["status"] == "written"
+    assert rows["train/NORMAL/gone.jpeg"]["status"] == "skipped"
+    assert "dangling symbolic link" in rows["train/NORMAL/gone.jpeg"]["reason"]
+    ignored = {i["path"]: i["reason"] for i in m.data["ignored"]}
+    assert set(ignored) == {"extras", "README.txt", "train/OTHER", "train/PNEUMONIA/loop"}
+    assert "not part of the layout" in ignored["extras"]
+    assert "already walked" in ignored["train/PNEUMONIA/loop"]
+    assert not any(p.startswith("train/PNEUMONIA/loop/") for p in rows)
+
+
+def test_output_inside_the_source_is_refused(tmp_path):
+    src = kaggle_source(tmp_path)
+    with pytest.raises(PrepareError, match="inside --source_dir"):
+        run(src, src / "train" / "prepared")
+    assert not (src / "train" / "prepared").exists()
+
+
+def test_progress_output_reports_decode_rate_without_import_time(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pneumo_data.prepare", f"--source_dir={kaggle_source(tmp_path)}",
+         f"--output_dir={tmp_path / 'out'}", "--image_size=32"],
+        capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for noise in ("cuInit", "absl::InitializeLog", "oneDNN", "cuda drivers", "cpu_feature_guard"):
+        assert noise not in proc.stderr, proc.stderr[-2000:]
+    assert re.search(r"written (\d+) of \1 files in [\d.]+s \(\d+ img/s", proc.stdout), proc.stdout
+
+
+def test_record_bytes_do_not_depend_on_the_process():
+    # Protobuf map order follows a per-process hash seed unless serialized
+    # deterministically; shards written by different processes (two runs, or
+    # threads vs Beam workers) must still be byte-identical.
+    code = ("import hashlib; from pneumo_data.shards import make_example; "
+            "print(hashlib.sha256(make_example(b'\\x01' * 64, 1, 'viral', 'p1', 'a/b.png', "
+            "'ab' * 32)).hexdigest())")
+    root = Path(__file__).resolve().parents[1]
+    digests = {subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip() for _ in range(3)}
+    assert len(digests) == 1

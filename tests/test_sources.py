@@ -38,7 +38,7 @@ def test_kaggle_layout_nested_and_case_insensitive(tmp_path):
         "chest_xray/Train/PNEUMONIA/person1_virus_1.jpeg",
         "chest_xray/test/normal/IM-0002-0001.jpeg",
         "chest_xray/test/pneumonia/person2_bacteria_2.jpeg"}
-    assert by_path["chest_xray/Train/Normal/.DS_Store"].hidden
+    assert by_path["chest_xray/Train/Normal/.DS_Store"].skip_reason.startswith("hidden file")
     f = by_path["chest_xray/Train/PNEUMONIA/person1_virus_1.jpeg"]
     assert (f.label, f.subtype, f.patient_id, f.official_split) == (
         "pneumonia", "viral", "person1_virus", "train")

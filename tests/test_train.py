@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pneumo_data.common.config import leaves, with_leaves
+from pneumo_data.common.errors import UserError
 from pneumo_data.manifest import ManifestError
 from pneumo_models.train import TrainConfig, TrainError, train
 
@@ -19,7 +21,7 @@ def small(prepared, model_dir, **kw):
     base = dict(data_dir=str(prepared), model_dir=str(model_dir), image_size=32, batch_size=8,
                 epochs=2, steps_per_epoch=3, precision="float32", early_stopping_patience=0)
     base.update(kw)
-    return TrainConfig(**base)
+    return with_leaves(TrainConfig(), **base)
 
 
 def epochs_in(history: Path):
@@ -40,7 +42,7 @@ def test_job_writes_everything_and_second_run_is_noop(prepared, tmp_path):
     assert epochs_in(out / "history.csv") == [0, 1]
     row = run["history"][0]
     assert row["images_per_second"] > 0 and "val_auc" in row
-    assert json.loads((out / "config.json").read_text())["image_size"] == 32
+    assert json.loads((out / "config.json").read_text())["pipeline"]["image_size"] == 32
     stamp = (out / "run.json").stat().st_mtime_ns
     train(small(prepared, tmp_path / "run"))
     assert (out / "run.json").stat().st_mtime_ns == stamp
@@ -48,12 +50,12 @@ def test_job_writes_everything_and_second_run_is_noop(prepared, tmp_path):
 
 def test_flagfile_reproduces_the_config(prepared, tmp_path):
     from absl import flags
-    from pneumo_data.flagconfig import config_from_flags, define_flags
+
+    from pneumo_data.common.config import config_from_flags, config_to_flagfile, define_flags
     config = small(prepared, tmp_path / "run", model="vgg16", fine_tune_epochs=1)
     values = flags.FlagValues()
     define_flags(TrainConfig, values)
     flagfile = tmp_path / "config.flags"
-    from pneumo_data.flagconfig import config_to_flagfile
     flagfile.write_text(config_to_flagfile(config))
     values(["train", f"--flagfile={flagfile}"])
     assert config_from_flags(TrainConfig, values) == config
@@ -64,18 +66,16 @@ def test_resume_after_kill_continues_from_last_epoch(prepared, tmp_path):
     config = small(prepared, out, epochs=3)
     code = (
         "import os, signal\n"
+        "from pneumo_data.common.config import with_leaves\n"
+        "import pneumo_models.callbacks as cb\n"
         "import pneumo_models.train as t\n"
-        "original = t._callbacks_module\n"
-        "def patched():\n"
-        "    Throughput, NaNGuard, Resume = original()\n"
-        "    class Killer(Resume):\n"
-        "        def on_epoch_end(self, epoch, logs=None):\n"
-        "            super().on_epoch_end(epoch, logs)\n"
-        "            if epoch == 1:\n"
-        "                os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    return Throughput, NaNGuard, Killer\n"
-        "t._callbacks_module = patched\n"
-        f"t.train(t.TrainConfig(**{config.__dict__!r}))\n")
+        "original = cb.Resume.on_epoch_end\n"
+        "def killer(self, epoch, logs=None):\n"
+        "    original(self, epoch, logs)\n"
+        "    if epoch == 1:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "cb.Resume.on_epoch_end = killer\n"
+        f"t.train(with_leaves(t.TrainConfig(), **{leaves(config)!r}))\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
@@ -91,7 +91,7 @@ def test_resume_after_kill_continues_from_last_epoch(prepared, tmp_path):
 
 def test_model_dir_with_another_config_is_refused_before_work(prepared, tmp_path):
     train(small(prepared, tmp_path / "run", epochs=1))
-    with pytest.raises(TrainError, match="another run's config.*epochs: 1 -> 2"):
+    with pytest.raises(TrainError, match="holds another run.*epochs: 1 -> 2"):
         train(small(prepared, tmp_path / "run", epochs=2))
 
 
@@ -117,6 +117,7 @@ def test_data_dir_without_manifest(tmp_path):
 
 def test_nan_loss_stops_with_a_clear_message(prepared, tmp_path, monkeypatch):
     import keras
+
     import pneumo_models.train as t
 
     def nan_compile(model, learning_rate, jit):
@@ -139,6 +140,101 @@ def test_cli_bad_flag_is_a_clear_error(tmp_path):
 @pytest.mark.slow
 def test_job_learns_the_embedded_default_data(tmp_path, monkeypatch):
     monkeypatch.setenv("PNEUMO_CACHE", str(tmp_path / "cache"))
-    run = train(TrainConfig(model_dir=str(tmp_path / "run"), image_size=64, epochs=6,
-                            precision="float32", early_stopping_patience=0, seed=0))
+    run = train(with_leaves(TrainConfig(), model_dir=str(tmp_path / "run"), image_size=64,
+                            epochs=6, precision="float32", early_stopping_patience=0, seed=0))
     assert run["val_metrics"]["auc"] > 0.85, run["val_metrics"]
+
+
+def cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "pneumo_models.train", *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+SMALL_FLAGS = ("--image_size=32", "--batch_size=8", "--epochs=1", "--steps_per_epoch=2",
+               "--precision=float32", "--early_stopping_patience=0")
+
+
+def test_a_model_dir_holding_a_users_files_is_refused_untouched(prepared, tmp_path):
+    um = tmp_path / "um"
+    (um / "export").mkdir(parents=True)
+    (um / "resume").mkdir()
+    (um / "export" / "important.txt").write_text("x")
+    (um / "resume" / "notes.txt").write_text("y")
+    (um / "history.csv").write_text("epoch,foo\n5,1\n")
+    proc = cli(f"--data_dir={prepared}", f"--model_dir={um}", *SMALL_FLAGS)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "train: error:" in proc.stderr and "Traceback" not in proc.stderr
+    assert (um / "export" / "important.txt").read_text() == "x"
+    assert (um / "resume" / "notes.txt").read_text() == "y"
+    assert (um / "history.csv").read_text() == "epoch,foo\n5,1\n"
+    assert sorted(p.name for p in um.iterdir()) == ["export", "history.csv", "resume"]
+
+
+def test_overwrite_replaces_only_the_jobs_own_run(prepared, tmp_path):
+    out = tmp_path / "run"
+    train(small(prepared, out, epochs=1))
+    (out / "my_notes.md").write_text("mine")
+    (out / "logs" / "extra.txt").write_text("mine too")
+    with pytest.raises(TrainError, match="--overwrite"):
+        train(small(prepared, out, epochs=2))
+    with pytest.raises(UserError, match="logs holds files pneumo did not write"):
+        train(small(prepared, out, epochs=2, overwrite=True))
+    (out / "logs" / "extra.txt").unlink()
+    run = train(small(prepared, out, epochs=2, overwrite=True))
+    assert len(run["history"]) == 2 and (out / "my_notes.md").read_text() == "mine"
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path):
+    proc = cli("--source_dir=/nope", f"--model_dir={tmp_path / 'r'}")
+    assert proc.returncode == 1 and "train: error:" in proc.stderr, proc.stderr[-2000:]
+    assert "/nope does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists()
+    proc = cli("--model=alexnet", f"--model_dir={tmp_path / 'r'}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+
+
+def test_empty_val_split_is_refused_before_writing_and_the_fix_then_runs(prepared, tmp_path):
+    from pneumo_data.prepare import PrepareConfig, prepare
+    from tests.conftest import write_image
+    src = tmp_path / "tiny"
+    write_image(src / "NORMAL" / "IM-0001-0001.png", value=60)
+    write_image(src / "PNEUMONIA" / "person1_virus_1.png", value=200)
+    tiny = tmp_path / "tiny_prepared"
+    prepare(PrepareConfig(source_dir=str(src), output_dir=str(tiny), image_size=32,
+                          progress=False))
+    out = tmp_path / "run"
+    with pytest.raises(TrainError, match="val split .* is empty"):
+        train(small(tiny, out))
+    assert not out.exists()
+    run = train(small(prepared, out))  # the corrected command, same model_dir
+    assert run["val_metrics"]
+
+
+def test_same_seed_and_deterministic_reproduce_the_weights_exactly(prepared, tmp_path):
+    import keras
+
+    from pneumo_models.models import load_model
+    flags = (f"--data_dir={prepared}", "--seed=3", "--deterministic", "--image_size=32",
+             "--batch_size=8", "--epochs=2", "--steps_per_epoch=3", "--precision=float32",
+             "--early_stopping_patience=0")
+    for name in ("a", "b"):
+        proc = cli(f"--model_dir={tmp_path / name}", *flags)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (load_model(tmp_path / n / "model.keras") for n in ("a", "b"))
+    assert len(a.weights) == len(b.weights) > 0
+    for wa, wb in zip(a.weights, b.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(wa),
+                                      keras.ops.convert_to_numpy(wb), err_msg=wa.path)
+    ha = (tmp_path / "a" / "history.csv").read_text().splitlines()
+    hb = (tmp_path / "b" / "history.csv").read_text().splitlines()
+    drop_timing = [[v for k, v in zip(ha[0].split(","), row.split(","))
+                    if k not in ("images_per_second", "epoch_seconds")] for row in ha + hb]
+    assert drop_timing[:len(ha)] == drop_timing[len(ha):]
+
+
+def test_job_output_is_quiet(prepared, tmp_path):
+    proc = cli(f"--data_dir={prepared}", f"--model_dir={tmp_path / 'r'}", *SMALL_FLAGS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for noise in ("cuInit", "absl::InitializeLog", "oneDNN", "cuda drivers", "shuffle=True",
+                  "contains input name", "Traceback", "INFO absl", "fingerprint"):
+        assert noise not in proc.stderr + proc.stdout, noise
