@@ -205,7 +205,7 @@ def _prepared(config: TrainConfig, out: OutputDir):
     if config.data_dir:
         return manifest.load_manifest(config.data_dir)
     from pneumo_data.prepare import PrepareConfig, prepare
-    data = out.subdir("data")
+    data = out.nested("data", job="prepare")
     return prepare(PrepareConfig(source_dir=config.source_dir, output_dir=str(data),
                                  seed=config.seed, progress=sys.stderr.isatty()))
 

@@ -93,3 +93,23 @@ def test_partial_names_belong_to_their_final_name(tmp_path):
         assert out.owns("manifest.partial.json") and not out.owns("other.partial.json")
         out.subdir("logs")
         assert out.owns("logs/train/events.1")
+
+
+def test_a_nested_jobs_folder_is_cleared_through_its_own_ledger(tmp_path):
+    with OutputDir(tmp_path, "train") as out:
+        data = out.nested("data", job="prepare")
+        with OutputDir(data, "prepare") as inner:
+            inner.write_text("manifest.json", "{}")
+        out.write_text("run.json", "{}")
+    (tmp_path / "data" / "mine.txt").write_text("keep")
+    with OutputDir(tmp_path, "train") as out:
+        assert sorted(out.clear()) == ["data", "run.json"]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()
+                  if not p.name.startswith(".")) == ["mine.txt"]
+    (tmp_path / "data" / "mine.txt").unlink()
+    with OutputDir(tmp_path, "train") as out:
+        out.nested("data", job="prepare")
+        with OutputDir(tmp_path / "data", "prepare") as inner:
+            inner.write_text("manifest.json", "{}")
+        out.clear()
+    assert not (tmp_path / "data").exists()

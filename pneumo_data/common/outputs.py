@@ -271,6 +271,18 @@ class OutputDir:
         target.mkdir(parents=True, exist_ok=True)
         return target
 
+    def nested(self, rel: str | os.PathLike, job: str) -> Path:
+        """Claims folder ``rel`` as the output folder of another job, which keeps its own
+        ledger there (train's ``data/``, written by prepare). Removing it removes only
+        what that job's ledger lists."""
+        self._require_open()
+        rel = self._rel(rel)
+        target = self.claim(rel, "dir")
+        if self._entries[rel].get("job") != job:
+            self._entries[rel]["job"] = job
+            self._save_ledger()
+        return target
+
     # ------------------------------------------------------------------ deleting
 
     def remove(self, rel: str | os.PathLike, missing_ok: bool = True) -> None:
@@ -288,6 +300,9 @@ class OutputDir:
             raise OutputError(f"{self.path / rel} holds files pneumo did not write "
                               f"({_shown(foreign)}); not deleting it. Move them away first")
         entry = self._entries.get(rel, {"kind": "file"})
+        if "job" in entry:
+            self._remove_nested(rel, entry["job"])
+            return
         is_dir = entry["kind"] == "dir"
         for path in (self.path / rel, files.partial_path(self.path / rel, is_dir)):
             if path.is_dir() and not path.is_symlink():
@@ -299,6 +314,19 @@ class OutputDir:
         if rel in self._entries:
             del self._entries[rel]
             self._save_ledger()
+
+    def _remove_nested(self, rel: str, job: str) -> None:
+        folder = self.path / rel
+        if folder.is_dir():
+            with OutputDir(folder, job) as inner:
+                inner.clear()
+            if not set(os.listdir(folder)) <= RESERVED:
+                return  # someone else's files are left: the folder (and the claim) stay
+            for name in os.listdir(folder):
+                (folder / name).unlink()
+            folder.rmdir()
+        del self._entries[rel]
+        self._save_ledger()
 
     def clear(self, keep: tuple[str, ...] = ()) -> list[str]:
         """Deletes everything this job wrote here (but ``keep``); returns what was removed.
