@@ -36,16 +36,21 @@ class Entry:
     status: str = "pending"
     reason: str | None = None
     shard: str | None = None
+    dicom: Any = None  # the writer's pneumo_data.dicom.DicomInfo for a DICOM file
 
     def row(self) -> dict[str, Any]:
         s = self.source
         row = {"path": s.relpath, "status": self.status, "label": s.label,
                "subtype": s.subtype, "patient_id": s.patient_id,
                "official_split": s.official_split, "sha256": self.sha256}
+        if s.view is not None or s.origin is not None:
+            row.update(view=s.view, origin=s.origin)
         if self.status == "written":
             row.update(split=self.split, shard=self.shard)
         else:
             row["reason"] = self.reason
+        if self.dicom is not None:
+            row["dicom"] = self.dicom.manifest_dict()
         return row
 
     def skip(self, reason: str) -> None:
@@ -94,12 +99,23 @@ class Plan:
         return report
 
 
-def source_fingerprint(found: list[sources.SourceFile]) -> str:
-    """Cheap identity of the source files (names and sizes), for the up-to-date check."""
+def source_fingerprint(found: list[sources.SourceFile] | sources.SourceScan) -> str:
+    """Cheap identity of the source (file names and sizes), for the up-to-date check.
+
+    For a :class:`SourceScan` also the files it did not use (they are listed in the
+    manifest) and the full bytes of its label tables and split lists (labels can change while
+    the images do not).
+    """
+    scan = found if isinstance(found, sources.SourceScan) else None
     digest = hashlib.sha256()
-    for f in found:
+    for f in scan.files if scan else found:
         size = f.path.stat().st_size if f.skip_reason is None else -1
         digest.update(f"{f.relpath}\0{size}\n".encode())
+    if scan is not None:
+        for u in scan.unused:
+            digest.update(f"{u.relpath}\0{u.status}\n".encode())
+        for index, path in enumerate(scan.inputs):
+            digest.update(f"{index}\0{path.name}\0{file_sha256(path)}\n".encode())
     return digest.hexdigest()
 
 

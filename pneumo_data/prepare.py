@@ -4,17 +4,26 @@ Run it::
 
     python -m pneumo_data.prepare --source_dir=chest_xray --output_dir=data/xray
     python -m pneumo_data.prepare --output_dir=data/synthetic   # embedded default data
+    python -m pneumo_data.prepare --source_dir=rsna --preset=rsna --output_dir=data/rsna
+    python -m pneumo_data.prepare --source_dir=export --labels_csv=labels.csv \
+        --path_column=file --label_column=finding --positive_values=Pneumonia \
+        --output_dir=data/export
 
 or from Python: ``prepare(PrepareConfig(source_dir=..., output_dir=...))``.
 
-Two halves. Planning (:mod:`pneumo_data.plan`): find files
-(:mod:`pneumo_data.sources`), hash them, group by patient id and identical
-content and split (:mod:`pneumo_data.split`), fix the writing order. Writing
-(here): decode each file once to grayscale at the stored size in parallel
-threads (:mod:`pneumo_data.decode`), write one shard set per split x class
+Two halves. Planning (:mod:`pneumo_data.plan`): find files, labels, patients and
+views (:mod:`pneumo_data.sources`: Kaggle folders, CSV-labelled collections, the rsna /
+nih / chexpert presets; options in :class:`pneumo_data.sources.SourceConfig`), hash
+them, group by patient id and identical content and split (:mod:`pneumo_data.split`),
+fix the writing order. Writing (here): decode each file once to grayscale at the stored
+size in parallel threads (:mod:`pneumo_data.decode`; DICOM through
+:mod:`pneumo_data.dicom`), write one shard set per split x class
 (:mod:`pneumo_data.shards`) and finally the manifest
 (:mod:`pneumo_data.manifest`), which lists every source file as written or
-skipped with its reason, and every entry of the source folder it ignored.
+skipped with its reason, and every entry of the source folder it ignored: for CSV sources
+also every file it did not use (dropped, unlabelled, conflicting labels) and every label-table
+row that labelled no file (``label_rows``: merged, duplicate, dropped, missing file,
+conflicting).
 
 The output folder is written under an exclusive lock and a ledger of the
 files this job wrote (:mod:`pneumo_data.common.outputs`): a second prepare
@@ -35,9 +44,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pneumo_data import decode, manifest, shards, sources
-from pneumo_data.common.config import config_to_dict, option
+from pneumo_data import decode, dicom, manifest, shards, sources
+from pneumo_data.common.config import config_to_dict, group, option
 from pneumo_data.common.errors import UserError
+from pneumo_data.common.files import file_sha256
 from pneumo_data.common.outputs import OutputDir
 from pneumo_data.plan import Plan, make_plan, source_fingerprint
 
@@ -56,8 +66,9 @@ class PrepareConfig:
 
     output_dir: str | None = option(None, "Folder for the shards and manifest.json (required).")
     source_dir: str | None = option(
-        None, "Image folder (Kaggle chest_xray layout or NORMAL/PNEUMONIA folders). "
-              "Empty: the embedded default (generated) dataset.")
+        None, "Image folder (Kaggle chest_xray layout, NORMAL/PNEUMONIA folders, an "
+              "rsna/nih/chexpert download, or any folder with --labels_csv). Empty: the "
+              "embedded default (generated) dataset.")
     resplit: str = option(
         "official", "official: keep the source's test split, re-split train+val by patient; "
                     "all: pool everything and split train/val/test by patient.",
@@ -69,8 +80,9 @@ class PrepareConfig:
     seed: int = option(0, "Seed of the split and the shard order.")
     patient_id_regex: str = option(
         sources.DEFAULT_PATIENT_ID_REGEX,
-        "Regex applied to the file name; its first group (or the whole match) is the "
-        "patient id. Files without a match are their own patient.")
+        "Regex applied to the file name (kaggle layout; for CSV sources, when changed, to "
+        "the file's path); its first group (or the whole match) is the patient id. Files "
+        "without a match are their own patient.")
     image_size: int = option(256, "Side of the stored square grayscale images.")
     resize: str = option("stretch", "stretch to square (as ImageDataGenerator) or pad "
                                     "(keep aspect ratio).", choices=decode.RESIZE_MODES)
@@ -87,6 +99,8 @@ class PrepareConfig:
                "prepare's own files are ever deleted).")
     num_workers: int = option(0, "Decoding threads (0: one per core).")
     progress: bool = option(True, "Show a progress bar.")
+    source: sources.SourceConfig = group(sources.SourceConfig,
+                                         "Where labels, patients and views come from.")
 
     def identity(self) -> dict[str, Any]:
         """The options that determine the output (a re-run with equal ones is a no-op)."""
@@ -174,8 +188,7 @@ def _decode_one(entry, config: PrepareConfig):
         data = entry.source.path.read_bytes()
         if hashlib.sha256(data).hexdigest() != entry.sha256:
             return "source file changed while preparing", None
-        pixels = decode.decode_to_gray(data, config.image_size, config.resize,
-                                       config.max_pixels, config.fast_jpeg)
+        pixels, entry.dicom = dicom.decode_for_config(data, config)
         return None, shards.encode_image(pixels, config.encoding, config.jpeg_quality)
     except decode.DecodeError as error:
         return str(error), None
@@ -244,8 +257,21 @@ def _summary_table(data: dict[str, Any], seconds: float) -> str:
                  f"({written / max(seconds, 1e-9):.0f} img/s, hashing and decoding)")
     for reason, n in data["skipped"].items():
         lines.append(f"skipped {n}: {reason}")
+    summary = data["source"]["label_summary"]
+    if summary["rows"]:
+        rows = summary["rows"]
+        lines.append(f"label rows: {sum(rows.values())} = " + " + ".join(
+            f"{n} {status}" for status, n in sorted(rows.items(), key=lambda kv: -kv[1])))
+    unused = {k: v for k, v in summary["files"].items() if k not in ("labelled", "ignored")}
+    for status, n in sorted(unused.items()):
+        lines.append(f"not used {n}: {status} (listed in the manifest's files)")
+    if data["source"]["views"]:
+        views = collections.Counter()
+        for by_view in data["source"]["views"].values():
+            views.update(by_view)
+        lines.append("views written: " + ", ".join(f"{v} {n}" for v, n in views.most_common()))
     if data["ignored"]:
-        lines.append(f"ignored {len(data['ignored'])} entr(ies) outside the class folders "
+        lines.append(f"ignored {len(data['ignored'])} entr(ies) that are not sources "
                      f"(listed in the manifest under 'ignored')")
     dup = data["duplicates"]
     lines.append(f"identical files: {len(dup['within_split'])} group(s) within a split, "
@@ -266,6 +292,34 @@ def _check_counts(counts: dict[str, dict[str, int]], plan: Plan) -> None:
                         split_name, " or ".join(missing))
 
 
+def dataset_name(config: PrepareConfig, preset: str) -> str:
+    """--dataset_name, else the preset's name (rsna, nih, chexpert), else the folder's."""
+    if config.source.dataset_name:
+        return config.source.dataset_name
+    if preset in ("rsna", "nih", "chexpert"):
+        return preset
+    return Path(config.source_dir).name
+
+
+def _label_rule(scan: sources.SourceScan) -> str:
+    options = scan.label_options or {}
+    return (f"{options.get('label_column')} in {options.get('positive_values')} is pneumonia, "
+            f"{options.get('negative_values') or 'everything else'} is not")
+
+
+def _relative(path: Path, source_dir: str) -> str:
+    return os.path.relpath(path, source_dir) if path.is_relative_to(source_dir) else str(path)
+
+
+def _view_counts(entries) -> dict[str, dict[str, int]]:
+    """Written images per split and view (empty when the source records no views)."""
+    counts: dict[str, collections.Counter] = {}
+    for e in entries:
+        if e.status == "written" and e.source.view is not None:
+            counts.setdefault(e.split, collections.Counter())[e.source.view] += 1
+    return {split: dict(sorted(c.items())) for split, c in sorted(counts.items())}
+
+
 def prepare(config: PrepareConfig) -> manifest.Manifest:
     """Runs the ingest job; returns the manifest of the (possibly existing) output."""
     from pneumo_data import __version__, synthetic
@@ -275,21 +329,23 @@ def prepare(config: PrepareConfig) -> manifest.Manifest:
         log.info("no --source_dir: using the embedded default dataset at %s", config.source_dir)
     config = dataclasses.replace(config, source_dir=str(Path(config.source_dir).resolve()))
     try:
-        scan = sources.scan_sources(config.source_dir, config.patient_id_regex)
+        scan = sources.scan(config.source_dir, config.source, config.patient_id_regex)
     except OSError as error:
         raise PrepareError(f"cannot read {config.source_dir}: {error}") from None
     present = {f.label for f in scan.files if f.skip_reason is None}
     if len(present) < 2:
-        raise PrepareError(
-            f"{config.source_dir}: only class {sorted(present)} has files; both NORMAL and "
-            f"PNEUMONIA folders with images are needed")
+        need = ("both NORMAL and PNEUMONIA folders with images are needed"
+                if scan.preset == "kaggle" else
+                f"both labels are needed (label rule: {_label_rule(scan)})")
+        raise PrepareError(f"{config.source_dir}: only class {sorted(present)} has files; "
+                           f"{need}")
     if Path(config.output_dir).resolve().is_relative_to(Path(config.source_dir)):
         raise PrepareError(f"--output_dir {config.output_dir} is inside --source_dir; "
                            f"choose a folder outside the images")
     for item in scan.ignored:
         if not item.reason.startswith("hidden"):
             log.warning("ignored %s: %s", item.relpath, item.reason)
-    fingerprint = source_fingerprint(scan.files)
+    fingerprint = source_fingerprint(scan)
     with OutputDir(config.output_dir, job="prepare") as out:
         existing, stale = _up_to_date(out, config, fingerprint)
         if existing is not None:
@@ -321,7 +377,14 @@ def _prepare_into(out: OutputDir, config: PrepareConfig, scan: sources.SourceSca
         "source": {"dir": config.source_dir, "files": len(scan.files),
                    "fingerprint": fingerprint,
                    "official_splits": sorted({f.official_split or "none" for f in scan.files}),
-                   "split_mode": plan.mode},
+                   "split_mode": plan.mode,
+                   "preset": scan.preset,
+                   "dataset_name": dataset_name(config, scan.preset),
+                   "label_options": scan.label_options,
+                   "label_summary": scan.summary(),
+                   "inputs": [{"path": _relative(p, config.source_dir), "sha256": file_sha256(p)}
+                              for p in scan.inputs],
+                   "views": _view_counts(entries)},
         "image": {"size": config.image_size, "channels": 1, "dtype": "uint8",
                   "encoding": config.encoding, "resize": config.resize},
         "classes": list(sources.CLASSES),
@@ -332,7 +395,9 @@ def _prepare_into(out: OutputDir, config: PrepareConfig, scan: sources.SourceSca
         "duplicates": plan.duplicates(),
         "leakage_allowed": plan.leakage,
         "seconds": round(seconds, 2),
-        "files": [e.row() for e in entries],
+        "files": sorted([e.row() for e in entries] + [u.row() for u in scan.unused],
+                        key=lambda row: row["path"]),
+        "label_rows": [r.to_dict() for r in scan.rows if r.status != "labelled"],
     }
     manifest.write_manifest(out, data)
     print(_summary_table(data, seconds), flush=True)

@@ -1,4 +1,4 @@
-"""Stage 1 of ingest: find the source files and read their labels from the layout.
+"""The Kaggle folder layout (Kermany et al. 2018): labels from the folder names.
 
 Two layouts are understood, folder names matched case-insensitively:
 
@@ -24,15 +24,18 @@ expression (the first group of ``DEFAULT_PATIENT_ID_REGEX`` by default).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from pathlib import Path
 
-from pneumo_data.common.errors import UserError
-
-CLASSES = ("normal", "pneumonia")
-OFFICIAL_SPLITS = ("train", "val", "test")
+from pneumo_data.sources.base import (
+    CLASSES,
+    OFFICIAL_SPLITS,
+    Ignored,
+    SourceFile,
+    SourceLayoutError,
+    SourceScan,
+)
 
 # Person numbers are counted per subtype in Kermany et al. (person1_bacteria and
 # person1_virus are different people) and IM-XXXX / NORMAL2-IM-XXXX are
@@ -40,41 +43,6 @@ OFFICIAL_SPLITS = ("train", "val", "test")
 DEFAULT_PATIENT_ID_REGEX = r"^(person\d+_(?:bacteria|virus)|NORMAL2-IM-\d+|IM-\d+)(?:[_-]|$)"
 
 _SUBTYPES = (("bacteria", "bacterial"), ("virus", "viral"))
-
-
-class SourceLayoutError(UserError):
-    """The source folder is not in a layout this library understands."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceFile:
-    """One file found under a class folder."""
-
-    path: Path            # absolute path
-    relpath: str          # path relative to the source dir, with forward slashes
-    label: str            # "normal" or "pneumonia"
-    subtype: str          # "none", "bacterial", "viral" or "unknown"
-    patient_id: str       # parsed id, or "file:<relpath>" when the name has none
-    official_split: str | None  # "train"/"val"/"test" for the Kaggle layout
-    skip_reason: str | None = None  # set: recorded as skipped, never read
-
-    @property
-    def label_index(self) -> int:
-        return CLASSES.index(self.label)
-
-
-@dataclasses.dataclass(frozen=True)
-class Ignored:
-    """An entry of the source folder that is not a source file, and why."""
-
-    relpath: str
-    reason: str
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceScan:
-    files: list[SourceFile]
-    ignored: list[Ignored]
 
 
 def subtype_from_name(name: str, label: str) -> str:
@@ -225,7 +193,9 @@ def scan_sources(source_dir: str | os.PathLike,
     files.sort(key=lambda f: f.relpath)
     if not [f for f in files if f.skip_reason is None]:
         raise SourceLayoutError(f"{source_dir}: the class folders hold no files")
-    return SourceScan(files, sorted(ignored, key=lambda i: i.relpath))
+    return SourceScan(files, sorted(ignored, key=lambda i: i.relpath), preset="kaggle",
+                      label_options={"labels": "class folder names (NORMAL, PNEUMONIA)",
+                                     "patient_id_regex": patient_id_regex})
 
 
 def find_sources(source_dir: str | os.PathLike,
