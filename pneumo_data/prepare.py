@@ -343,7 +343,7 @@ def prepare(config: PrepareConfig) -> manifest.Manifest:
         raise PrepareError(f"--output_dir {config.output_dir} is inside --source_dir; "
                            f"choose a folder outside the images")
     for item in scan.ignored:
-        if not item.reason.startswith("hidden"):
+        if not item.reason.startswith(("hidden", "label table", "split list")):
             log.warning("ignored %s: %s", item.relpath, item.reason)
     fingerprint = source_fingerprint(scan)
     with OutputDir(config.output_dir, job="prepare") as out:

@@ -434,6 +434,9 @@ def find_labelled(source_dir: str | os.PathLike, config: CsvLabelConfig,
     for row in rows:
         if row.status == DROPPED and row.relpath and row.relpath not in outcomes:
             dropped_rows[row.relpath].append(row)
+    own_inputs = {t.path: "label table (read for the labels)" for t in config.tables}
+    own_inputs.update({f: "split list (read for the official splits)"
+                       for _, f in config.split_lists})
     for rel in visible:
         if rel in outcomes:
             continue
@@ -442,6 +445,8 @@ def find_labelled(source_dir: str | os.PathLike, config: CsvLabelConfig,
             outcomes[rel] = FileOutcome(rel, DROPPED, first.label, first.reason)
         elif _is_image_name(rel):
             outcomes[rel] = FileOutcome(rel, UNLABELLED, None, "no CSV row names this file")
+        elif rel in own_inputs:
+            ignored.append(Ignored(rel, own_inputs[rel]))
         else:
             ignored.append(Ignored(rel, f"not an image file ({Path(rel).suffix or 'no suffix'})"
                                         f" and no CSV row names it"))
