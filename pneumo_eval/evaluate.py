@@ -4,9 +4,18 @@ r"""Evaluation job: a trained model on a held-out split, honestly.
         --threshold_policy=sensitivity:0.95 --output_dir=reports/cnn
     # several models side by side (writes comparison.md / comparison.json too):
     python -m pneumo_eval.evaluate --model_dir=runs/cnn,runs/vgg16 --output_dir=reports/cmp
+    # across datasets: trained on A (run.json's data), evaluated on B's test split; the
+    # threshold is still chosen on A's val split (--threshold_data=target: on B's val)
+    python -m pneumo_eval.evaluate --model_dir=runs/cnn --data_dir=data/rsna --split=test \
+        --output_dir=reports/cnn-on-rsna
 
-The operating threshold is chosen on the validation split by the policy
-(:mod:`pneumo_eval.thresholds`) and applied unchanged to ``--split``. Writes,
+The operating threshold is chosen on a validation split by the policy
+(:mod:`pneumo_eval.thresholds`) and applied unchanged to ``--split``: by default the val split of
+the data the model was trained on (its ``run.json``), also when ``--data_dir`` names another
+dataset, so that a cross-dataset number is a transfer number, not one re-tuned on the target.
+B is read at the model's input size whatever size it was stored at; the report names both
+datasets and warns when B's geometry differs from A's (pad vs stretch, upsampling), when their
+label rules differ, and when the evaluated images also occur in A's train or val split. Writes,
 per model, ``report.json`` (every metric with its 95% bootstrap interval over
 patients, counts, threshold and policy, per-subtype sensitivity, model and data
 identity), ``report.md`` and PNGs: confusion matrix, ROC with the operating
@@ -48,7 +57,13 @@ class EvaluateConfig:
                                         "was trained on, from its run.json).")
     split: str = option("test", "Split to evaluate.")
     threshold_policy: str = option("youden", "fixed[:T], youden or sensitivity:S; chosen "
-                                             "on the val split.")
+                                             "on a val split (see --threshold_data).")
+    threshold_data: str = option(
+        "source", "Val split the threshold is chosen on: source = the data the model was "
+                  "trained on (run.json), also when --data_dir is another dataset; target = "
+                  "--data_dir's val (re-tuned on the evaluated dataset: it peeks at the target "
+                  "domain, so the result is not a transfer number).",
+        choices=("source", "target"))
     output_dir: str | None = option(None, "Where reports go (default: MODEL_DIR/eval-SPLIT; "
                                           "required for several models).")
     bootstrap: int = option(1000, "Bootstrap replicates for the 95% intervals.")
@@ -146,31 +161,57 @@ def evaluate_model(model_dir: Path, config: EvaluateConfig, out: OutputDir, pref
     if not model_path.exists():
         raise EvaluateError(f"{model_dir} has no model.keras (is the training finished?)")
     run = _run_record(model_dir)
-    data_dir = Path(config.data_dir) if config.data_dir else run_data_dir(model_dir, run)
+    train_dir = run_data_dir(model_dir, run)
+    data_dir = Path(config.data_dir) if config.data_dir else train_dir
     if data_dir is None:
         raise EvaluateError(f"no --data_dir given and {model_dir}/run.json names none")
     m = manifest_lib.load_manifest(data_dir)
     m.require_split(config.split)
-    if "val" not in m.splits or m.count("val") == 0:
-        raise EvaluateError(f"{data_dir} has no val images to choose the threshold on")
     if m.count(config.split) == 0:
         raise EvaluateError(f"split {config.split!r} of {data_dir} holds no images")
+    cross = train_dir is None or Path(data_dir).resolve() != Path(train_dir).resolve()
+    if cross and config.threshold_data == "source":
+        if train_dir is None:
+            raise EvaluateError(
+                f"{model_dir}/run.json names no training data to choose the threshold on; "
+                f"pass --threshold_data=target (chosen on {data_dir}'s val split)")
+        try:
+            train_m = manifest_lib.load_manifest(train_dir)
+        except manifest_lib.ManifestError as error:
+            raise EvaluateError(
+                f"the model's training data is needed to choose the threshold ({error}); "
+                f"restore it, or pass --threshold_data=target") from None
+        threshold_m = train_m
+    else:
+        train_m = _try_manifest(train_dir) if cross else m
+        threshold_m = m
+    if "val" not in threshold_m.splits or threshold_m.count("val") == 0:
+        raise EvaluateError(f"{threshold_m.data_dir} has no val images to choose the "
+                            f"threshold on")
     model = load_model(model_path)
+    model_size = int(model.inputs[0].shape[1])
 
-    val = predict_split(model, data_dir, "val", config.batch_size)
+    val = predict_split(model, threshold_m.data_dir, "val", config.batch_size)
     try:
         choice = choose_threshold(val.labels, val.scores, config.threshold_policy,
                                   chosen_on="val")
     except ValueError as error:
-        raise EvaluateError(f"cannot choose a threshold on the val split of {data_dir}: "
-                            f"{error}") from None
-    pred = val if config.split == "val" else predict_split(model, data_dir, config.split,
-                                                           config.batch_size)
+        raise EvaluateError(f"cannot choose a threshold on the val split of "
+                            f"{threshold_m.data_dir}: {error}") from None
+    pred = val if config.split == "val" and threshold_m is m else predict_split(
+        model, data_dir, config.split, config.batch_size)
     t = choice.threshold
     point = metrics_lib.binary_metrics(pred.labels, pred.scores, t)
     intervals = bootstrap_intervals(pred.labels, pred.scores, t, groups=pred.patients,
                                     n_boot=config.bootstrap, seed=config.seed)
     subtypes = metrics_lib.subtype_sensitivity(pred.labels, pred.scores, pred.subtypes, t)
+    if set(subtypes) <= {"unknown"}:
+        subtypes = {}  # a CSV source says pneumonia, not which kind: nothing to break down
+    eval_info = dataset_info(m, config.split)
+    train_info = dataset_info(train_m) if train_m is not None else None
+    warnings_ = cross_dataset_warnings(train_m, m, config.split, model_size) if cross else []
+    for warning in warnings_:
+        log.warning("%s", warning)
     figures = {}
     name = run.get("model", model_dir.name)
 
@@ -200,16 +241,20 @@ def evaluate_model(model_dir: Path, config: EvaluateConfig, out: OutputDir, pref
         "model": {"dir": str(model_dir), "name": name,
                   "file_sha256": file_sha256(model_path), "precision": run.get("precision"),
                   "trained": {k: run.get(k) for k in ("tensorflow", "keras", "train_counts")}},
-        "data": {"dir": str(data_dir), "split": config.split,
-                 "manifest_created": m.data["created"],
-                 "manifest_sha256": file_sha256(Path(data_dir) / manifest_lib.MANIFEST_NAME),
+        "data": {**eval_info, "split": config.split,
                  "images": int(pred.labels.size), "patients": int(len(set(pred.patients))),
                  "positives": int(pred.labels.sum())},
+        "train_data": train_info,
+        "cross_dataset": cross,
+        "model_input_size": model_size,
+        "warnings": warnings_,
         "threshold": {"policy": choice.policy, "value": t, "chosen_on": choice.chosen_on,
+                      "data": threshold_m.data.get("source", {}).get("dataset_name")
+                      or Path(threshold_m.data_dir).name,
+                      "data_dir": str(threshold_m.data_dir),
                       "val_sensitivity": choice.sensitivity,
                       "val_specificity": choice.specificity,
-                      "note": ("chosen and applied on the same split: optimistic"
-                               if config.split == "val" else "chosen on val, applied unchanged")},
+                      "note": _threshold_note(config, cross, threshold_m is m)},
         "counts": {k: point[k] for k in ("tn", "fp", "fn", "tp")},
         "metrics": {k: v for k, v in intervals.items() if k != "_meta"},
         "bootstrap": intervals["_meta"],
@@ -229,6 +274,97 @@ def evaluate_model(model_dir: Path, config: EvaluateConfig, out: OutputDir, pref
     return report
 
 
+def _try_manifest(data_dir):
+    from pneumo_data import manifest as manifest_lib
+    if data_dir is None:
+        return None
+    try:
+        return manifest_lib.load_manifest(data_dir)
+    except manifest_lib.ManifestError:
+        return None
+
+
+def dataset_info(m, split: str | None = None) -> dict[str, Any]:
+    """How a report names a prepared dataset: name, preset, where, stored geometry, labels."""
+    from pneumo_data import manifest as manifest_lib
+    source = m.data.get("source", {})
+    info = {"name": source.get("dataset_name") or Path(m.data_dir).name,
+            "preset": source.get("preset", "kaggle"),
+            "dir": str(m.data_dir),
+            "manifest_created": m.data["created"],
+            "manifest_sha256": file_sha256(Path(m.data_dir) / manifest_lib.MANIFEST_NAME),
+            "stored_size": m.image_size,
+            "resize": m.data["image"].get("resize"),
+            "label_options": source.get("label_options"),
+            "counts": m.data["counts"]}
+    if split is not None and source.get("views", {}).get(split):
+        info["views"] = source["views"][split]
+    return info
+
+
+# The RSNA challenge images are a re-annotated subset of NIH ChestX-ray14 (Shih et al.,
+# Radiology: AI 2019), re-encoded: content hashes cannot see the overlap.
+_RELATED = {frozenset(("rsna", "nih")): "the RSNA challenge images are a re-annotated subset of "
+                                        "NIH ChestX-ray14 (Shih et al. 2019), re-encoded as "
+                                        "DICOM: this is not an independent test set"}
+
+
+def cross_dataset_warnings(train_m, eval_m, split: str, model_size: int) -> list[str]:
+    """What makes a model-on-another-dataset number hard to read, one sentence each."""
+    out = []
+    eval_size, eval_resize = eval_m.image_size, eval_m.data["image"].get("resize")
+    if eval_size < model_size:
+        out.append(f"upsampled: {eval_m.data_dir} is stored at {eval_size} px and read at the "
+                   f"model's {model_size} px, so the model sees blurrier images than sharp "
+                   f"ones of that size; prepare it again with --image_size={model_size} or more")
+    if train_m is None:
+        out.append("the model's training data is unknown (no run.json data_dir): geometry and "
+                   "label rules cannot be compared")
+        return out
+    train_resize = train_m.data["image"].get("resize")
+    if train_resize != eval_resize:
+        out.append(f"geometry differs: the training data was resized with --resize="
+                   f"{train_resize}, the evaluated data with --resize={eval_resize}; prepare "
+                   f"both the same way to compare the images and not the padding")
+    train_rule, eval_rule = (_label_rule(m.data.get("source", {}).get("label_options"))
+                             for m in (train_m, eval_m))
+    if train_rule != eval_rule:
+        out.append(f"label rules differ: trained on {train_rule}, evaluated on {eval_rule}; "
+                   f"'normal' may not mean the same in both")
+    used = {r["sha256"] for r in train_m.data["files"]
+            if r.get("status") == "written" and r.get("split") in ("train", "val")}
+    shared = sum(1 for r in eval_m.data["files"] if r.get("status") == "written"
+                 and r.get("split") == split and r.get("sha256") in used)
+    if shared:
+        out.append(f"overlap: {shared} evaluated image(s) are byte-identical to images of the "
+                   f"model's train or val split")
+    presets = frozenset(m.data.get("source", {}).get("preset") for m in (train_m, eval_m))
+    if presets in _RELATED:
+        out.append(f"related datasets: {_RELATED[presets]}")
+    return out
+
+
+def _label_rule(options: dict | None) -> str:
+    """The label rule of a manifest's ``source.label_options``, in words."""
+    if not options or "positive_values" not in options:
+        return "folder names (NORMAL vs PNEUMONIA)"
+    negative = options.get("negative_values") or "every other value"
+    dropped = f", dropping {options['drop_values']}" if options.get("drop_values") else ""
+    return (f"{options.get('label_column')} in {options.get('positive_values')} vs "
+            f"{negative}{dropped}")
+
+
+def _threshold_note(config: EvaluateConfig, cross: bool, on_target: bool) -> str:
+    if config.split == "val" and on_target:
+        return "chosen and applied on the same split: optimistic"
+    if cross and on_target:
+        return ("chosen on the evaluated dataset's val split (--threshold_data=target): "
+                "re-tuned on the target domain, not a transfer number")
+    if cross:
+        return "chosen on the training data's val split, applied unchanged to another dataset"
+    return "chosen on val, applied unchanged"
+
+
 def _fmt(entry: dict | None) -> str:
     if not entry or entry.get("estimate") is None:
         return "undefined"
@@ -240,14 +376,20 @@ def _fmt(entry: dict | None) -> str:
 def report_markdown(report: dict) -> str:
     th = report["threshold"]
     c = report["counts"]
+    data, trained = report["data"], report.get("train_data")
     lines = [
-        f"# Evaluation: {report['model']['name']} on {report['data']['split']}",
+        f"# Evaluation: {report['model']['name']} on {data.get('name', '')} {data['split']}",
         "",
-        f"- Data: {report['data']['images']} images, {report['data']['patients']} patients, "
-        f"{report['data']['positives']} pneumonia ({report['data']['dir']})",
-        f"- Threshold: {th['value']:.4f} by policy `{th['policy']}`, {th['note']} "
-        f"(on val: sensitivity {th['val_sensitivity']:.3f}, specificity "
-        f"{th['val_specificity']:.3f})",
+        f"- Trained on: {trained['name']} ({trained['preset']}, stored {trained['stored_size']}"
+        f" px, {trained['resize']}; {trained['dir']})" if trained else
+        "- Trained on: unknown (run.json names no data)",
+        f"- Evaluated on: {data.get('name', '')} {data['split']}: {data['images']} images, "
+        f"{data['patients']} patients, {data['positives']} pneumonia (stored "
+        f"{data.get('stored_size')} px, {data.get('resize')}, read at "
+        f"{report.get('model_input_size')} px; {data['dir']})",
+        f"- Threshold: {th['value']:.4f} by policy `{th['policy']}` on the val split of "
+        f"{th.get('data')}, {th['note']} (on that val: sensitivity "
+        f"{th['val_sensitivity']:.3f}, specificity {th['val_specificity']:.3f})",
         f"- Confusion: TN {c['tn']}, FP {c['fp']}, FN {c['fn']}, TP {c['tp']}",
         f"- 95% intervals: {report['bootstrap']['n_boot']} bootstrap replicates over "
         f"{report['bootstrap']['unit']}s",
@@ -262,6 +404,8 @@ def report_markdown(report: dict) -> str:
         for name, v in report["subtype_sensitivity"].items():
             lines.append(f"| {name} | {v['positives']} | {v['detected']} | "
                          f"{v['sensitivity']:.3f} |")
+    if report.get("warnings"):
+        lines += ["", "Warnings:", ""] + [f"- {w}" for w in report["warnings"]]
     if report["undefined"]:
         lines += ["", "Undefined: " + "; ".join(f"{k}: {v}"
                                                 for k, v in report["undefined"].items())]

@@ -166,3 +166,83 @@ def test_evaluate_refuses_an_output_folder_with_someone_elses_files(model_dirs, 
     with pytest.raises(UserError, match="theirs.txt"):
         ev.evaluate(config(model_dirs[:1], tmp_path))
     assert [p.name for p in tmp_path.iterdir()] == ["theirs.txt"]
+
+
+# ---------------------------------------------------------------- across datasets
+
+@pytest.fixture(scope="module")
+def export_data(tmp_path_factory):
+    """Dataset B: a DICOM export with a CSV, stored at 24 px with padding (the models read
+    32 px stretched images of another dataset)."""
+    pytest.importorskip("pydicom")
+    from pneumo_data.prepare import PrepareConfig, prepare
+    from tests.source_layouts import write_export
+    root = tmp_path_factory.mktemp("b")
+    write_export(root / "export", n=48)
+    prepare(with_leaves(PrepareConfig(), source_dir=str(root / "export"),
+                        output_dir=str(root / "data"), image_size=24, resize="pad",
+                        labels_csv="labels.csv", path_column="file", label_column="finding",
+                        positive_values="Pneumonia", val_fraction=0.25, test_fraction=0.25,
+                        progress=False))
+    return root / "data"
+
+
+def test_cross_dataset_threshold_from_the_training_data(model_dirs, prepared, export_data,
+                                                        tmp_path):
+    (report,) = ev.evaluate(config(model_dirs[:1], tmp_path, data_dir=str(export_data),
+                                   gradcam_examples=0))
+    model = load_model(model_dirs[0] / "model.keras")
+    val_a = ev.predict_split(model, prepared, "val", 64)
+    test_b = ev.predict_split(model, export_data, "test", 64)
+    chosen = choose_threshold(val_a.labels, val_a.scores, "youden")
+    assert report["threshold"]["value"] == pytest.approx(chosen.threshold)
+    assert report["threshold"]["data_dir"] == str(prepared)
+    assert "applied unchanged to another dataset" in report["threshold"]["note"]
+    expected = binary_metrics(test_b.labels, test_b.scores, chosen.threshold)
+    assert report["counts"] == {k: expected[k] for k in ("tn", "fp", "fn", "tp")}
+    assert report["data"]["images"] == pneumo_data.load_manifest(export_data).count("test")
+    assert report["cross_dataset"] is True
+    assert (report["data"]["name"], report["data"]["preset"]) == ("export", "csv")
+    assert (report["data"]["stored_size"], report["data"]["resize"]) == (24, "pad")
+    assert report["train_data"]["dir"] == str(prepared)
+    assert report["train_data"]["preset"] == "kaggle"
+    assert report["subtype_sensitivity"] == {}  # a CSV source has no subtypes
+    warnings = "\n".join(report["warnings"])
+    assert "upsampled: " in warnings and "at 24 px and read at the model's 32 px" in warnings
+    assert "geometry differs" in warnings and "--resize=pad" in warnings
+    assert "label rules differ: trained on folder names" in warnings
+    assert "overlap" not in warnings
+    text = (tmp_path / "report.md").read_text()
+    assert f"Trained on: {report['train_data']['name']} (kaggle" in text
+    assert "Evaluated on: export test" in text and "Warnings:" in text
+
+
+def test_cross_dataset_threshold_on_the_target_is_labelled_as_peeking(model_dirs, export_data,
+                                                                      tmp_path):
+    (report,) = ev.evaluate(config(model_dirs[:1], tmp_path, data_dir=str(export_data),
+                                   threshold_data="target", gradcam_examples=0))
+    model = load_model(model_dirs[0] / "model.keras")
+    val_b = ev.predict_split(model, export_data, "val", 64)
+    chosen = choose_threshold(val_b.labels, val_b.scores, "youden")
+    assert report["threshold"]["value"] == pytest.approx(chosen.threshold)
+    assert report["threshold"]["data"] == "export"
+    assert "re-tuned on the target domain" in report["threshold"]["note"]
+
+
+def test_cross_dataset_overlap_with_the_training_images_is_flagged(model_dirs, synthetic_source,
+                                                                   tmp_path):
+    # B: copies of A's own training images in a plain NORMAL/PNEUMONIA folder.
+    import shutil
+
+    from pneumo_data.prepare import PrepareConfig, prepare
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (tmp_path / "copy" / cls).mkdir(parents=True)
+        for p in sorted((synthetic_source / "train" / cls).iterdir())[:12]:
+            shutil.copy(p, tmp_path / "copy" / cls / p.name)
+    m = prepare(PrepareConfig(source_dir=str(tmp_path / "copy"), output_dir=str(tmp_path / "b"),
+                              image_size=48, progress=False))
+    (report,) = ev.evaluate(config(model_dirs[:1], tmp_path / "r", data_dir=str(m.data_dir),
+                                   gradcam_examples=0))
+    assert report["warnings"] == [f"overlap: {m.count('test')} evaluated image(s) are "
+                                  f"byte-identical to images of the model's train or val split"]
+    assert report["data"]["name"] == "copy"
