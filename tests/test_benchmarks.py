@@ -57,3 +57,18 @@ def test_epoch_smoke(tmp_path, tiny_source):
                   "--batch_size=8", "--epochs=1", "--max_images=16")
     assert len(payload["old_recipe_seconds"]) == 1 and len(payload["pneumo_seconds"]) == 1
     assert payload["steps_per_epoch"] == 2 and payload["old_over_pneumo_last_epoch"] > 0
+
+
+def test_prepare_dicom_smoke(tmp_path):
+    pytest.importorskip("pydicom")
+    payload = run("benchmarks.prepare", tmp_path, "--dicom", "--dicom_images=4",
+                  "--dicom_side=128", "--image_size=32", "--threads=1,2", "--repeats=1")
+    assert set(payload["prepare"]) == {"threads=1", "threads=2"}
+    assert all(t["median"] > 0 for t in payload["prepare"].values())
+    assert set(payload["decode"]) == {
+        "dicom 16-bit window", "dicom 12-bit MONOCHROME1 min/max", "dicom RLE 16-bit window",
+        "png 16-bit (reference)", "header only (planning)"}
+    assert all(r[f"threads={t}"]["median"] > 0 for r in payload["decode"].values()
+               for t in (1, 2))
+    assert set(payload["stage_ms"]) == {"read bytes", "pydicom parse", "pixel_array",
+                                        "modality+VOI to uint8", "resize"}
