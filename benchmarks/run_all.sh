@@ -19,4 +19,5 @@ python -m benchmarks.train_step --source_dir="$DATA/chest_xray_224" --models=vgg
     --plot --name=train_step-backbones-chest_xray_224
 python -m benchmarks.prepare --source_dir="$DATA/chest_xray_fullres"
 python -m benchmarks.prepare --source_dir="$DATA/chest_xray_224" --repeats=2
+python -m benchmarks.prepare --dicom
 python -m benchmarks.encoding --source_dir="$DATA/chest_xray_224"

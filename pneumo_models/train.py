@@ -235,8 +235,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Runs the job; returns the contents of run.json."""
     config.validate()
     if config.source_dir:  # a wrong folder fails before anything is created
-        from pneumo_data import sources
-        sources.detect_layout(Path(config.source_dir))
+        from pneumo_data.sources import presets
+        presets.detect(Path(config.source_dir))
     given = None
     if config.data_dir:
         from pneumo_data import manifest
