@@ -72,3 +72,17 @@ def test_mixed_layout_is_refused(tmp_path):
     write_image(tmp_path / "train" / "NORMAL" / "b.png")
     with pytest.raises(sources.SourceLayoutError, match="one layout"):
         sources.find_sources(tmp_path)
+
+
+def test_dicom_files_in_class_folders_get_patient_and_view_from_their_tags(tmp_path):
+    pytest.importorskip("pydicom")
+    import numpy as np
+
+    from tests.dicom_files import make_dataset, write
+    for cls, patient, view in (("NORMAL", "H-17", "AP"), ("PNEUMONIA", "H-18", "PA")):
+        write(tmp_path / cls / "scan1.dcm", make_dataset(np.zeros((8, 8), np.uint8),
+                                                          PatientID=patient, ViewPosition=view))
+    write_image(tmp_path / "NORMAL" / "IM-0001-0001.jpeg")
+    found = {f.relpath: (f.patient_id, f.view) for f in sources.find_sources(tmp_path)}
+    assert found == {"NORMAL/scan1.dcm": ("H-17", "AP"), "PNEUMONIA/scan1.dcm": ("H-18", "PA"),
+                     "NORMAL/IM-0001-0001.jpeg": ("IM-0001", None)}

@@ -19,7 +19,9 @@ folder ``OTHER/`` beside ``NORMAL/``) is not a source, and is returned in
 Labels: ``normal`` (0) and ``pneumonia`` (1). Subtype from the file name:
 ``bacterial`` or ``viral`` for pneumonia (``unknown`` when the name says
 neither), ``none`` for normal. Patient id from the file name with a regular
-expression (the first group of ``DEFAULT_PATIENT_ID_REGEX`` by default).
+expression (the first group of ``DEFAULT_PATIENT_ID_REGEX`` by default); for a DICOM file
+(``.dcm``, ``.dicom`` or no suffix) whose name does not match, the ``PatientID`` tag (and the
+``ViewPosition`` tag as its view).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import os
 import re
 from pathlib import Path
 
+from pneumo_data.sources import dicom_tags
 from pneumo_data.sources.base import (
     CLASSES,
     OFFICIAL_SPLITS,
@@ -184,11 +187,17 @@ def scan_sources(source_dir: str | os.PathLike,
                     reason = f"dangling symbolic link (its target {os.readlink(path)} is missing)"
                 elif not path.is_file():
                     reason = "not a regular file (device, socket or pipe)"
+                patient, view = patient_id_from_name(path.name, pattern, relpath), None
+                if reason is None and patient.startswith("file:") and \
+                        dicom_tags.may_be_dicom(path.name):
+                    header = dicom_tags.read_tags(path)
+                    if header is not None:
+                        patient = header.patient_id or patient
+                        view = header.view_position
                 files.append(SourceFile(
                     path=path, relpath=relpath, label=label,
-                    subtype=subtype_from_name(path.name, label),
-                    patient_id=patient_id_from_name(path.name, pattern, relpath),
-                    official_split=split, skip_reason=reason))
+                    subtype=subtype_from_name(path.name, label), patient_id=patient,
+                    official_split=split, skip_reason=reason, view=view))
     ignored += _ignored_entries(source_dir, levels, used)
     files.sort(key=lambda f: f.relpath)
     if not [f for f in files if f.skip_reason is None]:
