@@ -23,7 +23,9 @@ size in parallel threads (:mod:`pneumo_data.decode`; DICOM through
 skipped with its reason, and every entry of the source folder it ignored: for CSV sources
 also every file it did not use (dropped, unlabelled, conflicting labels) and every label-table
 row that labelled no file (``label_rows``: merged, duplicate, dropped, missing file,
-conflicting).
+conflicting). Just before the manifest, TFDS metadata derived from it
+(:mod:`pneumo_data.tfds.metadata`), so ``tfds.builder_from_directory`` reads the
+folder.
 
 The output folder is written under an exclusive lock and a ledger of the
 files this job wrote (:mod:`pneumo_data.common.outputs`): a second prepare
@@ -50,6 +52,7 @@ from pneumo_data.common.errors import UserError
 from pneumo_data.common.files import file_sha256
 from pneumo_data.common.outputs import OutputDir
 from pneumo_data.plan import Plan, make_plan, source_fingerprint
+from pneumo_data.tfds import metadata as tfds_metadata
 
 log = logging.getLogger("pneumo.prepare")
 
@@ -351,6 +354,7 @@ def prepare(config: PrepareConfig) -> manifest.Manifest:
         if existing is not None:
             log.info("%s is up to date (same options, same source files, shards verified): "
                      "nothing to do", out.path)
+            tfds_metadata.ensure_tfds_metadata(out, existing)  # missing or stale: rewritten
             return existing
         _clear_previous(out, config, stale)
         return _prepare_into(out, config, scan, fingerprint, __version__)
@@ -366,6 +370,17 @@ def _prepare_into(out: OutputDir, config: PrepareConfig, scan: sources.SourceSca
     shard_table, counts = _write_shards(plan, out, config, workers)
     _check_counts(counts, plan)
     seconds = time.perf_counter() - start
+    data = manifest_data(config, scan, fingerprint, plan, shard_table, counts, seconds, version)
+    tfds_metadata.write_tfds_metadata(out, data)  # derived from the manifest, written before it
+    manifest.write_manifest(out, data)
+    print(_summary_table(data, seconds), flush=True)
+    return manifest.load_manifest(out.path)
+
+
+def manifest_data(config: PrepareConfig, scan: sources.SourceScan, fingerprint: str,
+                  plan: Plan, shard_table: dict, counts: dict, seconds: float,
+                  version: str) -> dict[str, Any]:
+    """The manifest of a written plan (also what the TFDS builder writes beside its shards)."""
     entries = plan.entries
     skipped = collections.Counter(e.reason.split(":")[0] for e in entries if e.status == "skipped")
     data = {
@@ -399,9 +414,7 @@ def _prepare_into(out: OutputDir, config: PrepareConfig, scan: sources.SourceSca
                         key=lambda row: row["path"]),
         "label_rows": [r.to_dict() for r in scan.rows if r.status != "labelled"],
     }
-    manifest.write_manifest(out, data)
-    print(_summary_table(data, seconds), flush=True)
-    return manifest.load_manifest(out.path)
+    return data
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import tensorflow as tf
 from pneumo_data import manifest, shards
 from pneumo_data.prepare import PrepareConfig, PrepareError, prepare
 from pneumo_data.split import LeakageError
+from pneumo_data.tfds.metadata import METADATA_FILES
 from tests.conftest import make_kaggle_tree, write_image
 
 
@@ -142,8 +143,8 @@ def test_rerun_is_noop_and_other_options_need_overwrite(tmp_path):
     assert m3.image_size == 16
     m3.verify()
     names = {p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".pneumo")}
-    assert names == {"manifest.json"} | {e["file"] for s in m3.splits for c in m3.classes
-                                         for e in m3.shard_entries(s, c)}
+    assert names == {"manifest.json", *METADATA_FILES} | {
+        e["file"] for s in m3.splits for c in m3.classes for e in m3.shard_entries(s, c)}
 
 
 def test_corrupted_or_truncated_shard_is_detected(tmp_path):
