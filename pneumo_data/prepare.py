@@ -25,7 +25,8 @@ also every file it did not use (dropped, unlabelled, conflicting labels) and eve
 row that labelled no file (``label_rows``: merged, duplicate, dropped, missing file,
 conflicting). Just before the manifest, TFDS metadata derived from it
 (:mod:`pneumo_data.tfds.metadata`), so ``tfds.builder_from_directory`` reads the
-folder.
+folder. ``--runner=beam`` writes the same shards with an Apache Beam pipeline
+(:mod:`pneumo_data.beam_writer`) instead of threads.
 
 The output folder is written under an exclusive lock and a ledger of the
 files this job wrote (:mod:`pneumo_data.common.outputs`): a second prepare
@@ -101,6 +102,13 @@ class PrepareConfig:
         False, "Replace an output this job wrote earlier with other options or sources (only "
                "prepare's own files are ever deleted).")
     num_workers: int = option(0, "Decoding threads (0: one per core).")
+    runner: str = option(
+        "threads", "threads: decode and write in this process's threads; beam: run decoding "
+                   "and shard writing as an Apache Beam pipeline (pip install 'pneumo[beam]'; "
+                   "same shards, byte for byte).", choices=("threads", "beam"))
+    beam_pipeline_options: str = option(
+        "", "Beam pipeline flags with --runner=beam, e.g. '--runner=FlinkRunner "
+            "--flink_master=host:8081' (empty: local, one worker process per core).")
     progress: bool = option(True, "Show a progress bar.")
     source: sources.SourceConfig = group(sources.SourceConfig,
                                          "Where labels, patients and views come from.")
@@ -108,7 +116,8 @@ class PrepareConfig:
     def identity(self) -> dict[str, Any]:
         """The options that determine the output (a re-run with equal ones is a no-op)."""
         values = config_to_dict(self)
-        for key in ("output_dir", "overwrite", "num_workers", "progress"):
+        for key in ("output_dir", "overwrite", "num_workers", "runner", "beam_pipeline_options",
+                    "progress"):
             values.pop(key)
         return values
 
@@ -127,6 +136,8 @@ class PrepareConfig:
             raise PrepareError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
         if self.shard_mb <= 0 or self.max_pixels <= 0 or self.num_workers < 0:
             raise PrepareError("shard_mb and max_pixels must be positive, num_workers >= 0")
+        if self.beam_pipeline_options and self.runner != "beam":
+            raise PrepareError("--beam_pipeline_options needs --runner=beam")
 
 
 def _progress(enabled: bool):
@@ -199,6 +210,20 @@ def _decode_one(entry, config: PrepareConfig):
         return f"unreadable: {error.strerror or error}", None
 
 
+def encode_record(entry, config: PrepareConfig) -> tuple[str | None, bytes | None]:
+    """(skip reason, None) or (None, serialized record) for one planned entry.
+
+    The one "planned file -> record bytes" step: the threaded writer below and the Beam
+    writer (:mod:`pneumo_data.beam_writer`) both call it, so their shards are identical.
+    """
+    reason, encoded = _decode_one(entry, config)
+    if reason:
+        return reason, None
+    s = entry.source
+    return None, shards.make_example(encoded, s.label_index, s.subtype, s.patient_id,
+                                     s.relpath, entry.sha256)
+
+
 def _write_shards(plan: Plan, out: OutputDir, config: PrepareConfig, workers: int
                   ) -> tuple[dict, dict]:
     """Decodes in ``workers`` threads, writes the plan's shards in order; returns
@@ -208,7 +233,7 @@ def _write_shards(plan: Plan, out: OutputDir, config: PrepareConfig, workers: in
     counts: dict[str, dict[str, int]] = {}
     bar = _progress(config.progress)(None, total, "decoding") if config.progress else None
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        stream = ((e, pool.submit(_decode_one, e, config)) for g in plan.groups
+        stream = ((e, pool.submit(encode_record, e, config)) for g in plan.groups
                   for e in g.entries)
         # Keep a bounded window of decodes in flight, consume in order.
         window: collections.deque = collections.deque()
@@ -222,7 +247,7 @@ def _write_shards(plan: Plan, out: OutputDir, config: PrepareConfig, workers: in
                         break
                     window.append(nxt)
                 entry, future = window.popleft()
-                reason, encoded = future.result()
+                reason, record = future.result()
                 if bar is not None:
                     bar.update(1)
                 target = group.shard_index(position)
@@ -235,9 +260,7 @@ def _write_shards(plan: Plan, out: OutputDir, config: PrepareConfig, workers: in
                 if reason:
                     entry.skip(reason)
                     continue
-                writer.write(shards.make_example(
-                    encoded, entry.source.label_index, entry.source.subtype,
-                    entry.source.patient_id, entry.source.relpath, entry.sha256))
+                writer.write(record)
                 entry.status, entry.shard = "written", writer.final_path.name
                 written += 1
             if writer is not None:
@@ -327,6 +350,9 @@ def prepare(config: PrepareConfig) -> manifest.Manifest:
     """Runs the ingest job; returns the manifest of the (possibly existing) output."""
     from pneumo_data import __version__, synthetic
     config.validate()
+    if config.runner == "beam":  # without apache-beam: a clear error now, not after hashing
+        from pneumo_data import beam_writer
+        beam_writer.pipeline_options(config.beam_pipeline_options)
     if config.source_dir is None:
         config = dataclasses.replace(config, source_dir=str(synthetic.default_dataset_dir()))
         log.info("no --source_dir: using the embedded default dataset at %s", config.source_dir)
@@ -367,7 +393,11 @@ def _prepare_into(out: OutputDir, config: PrepareConfig, scan: sources.SourceSca
     start = time.perf_counter()
     workers = config.num_workers or os.cpu_count() or 1
     plan = make_plan(scan, config, workers, _progress(config.progress), log)
-    shard_table, counts = _write_shards(plan, out, config, workers)
+    if config.runner == "beam":
+        from pneumo_data import beam_writer
+        shard_table, counts = beam_writer.write_shards(plan, out, config)
+    else:
+        shard_table, counts = _write_shards(plan, out, config, workers)
     _check_counts(counts, plan)
     seconds = time.perf_counter() - start
     data = manifest_data(config, scan, fingerprint, plan, shard_table, counts, seconds, version)

@@ -48,6 +48,7 @@ source_sha256 ``Text``                                     string
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -234,9 +235,12 @@ def dataset_info(data_dir, manifest=None, *, description: str | None = None,
         for split, label, entries in _class_splits(m)]
     if not split_infos:
         raise TfdsMetadataError(f"{data_dir}: the manifest lists no records")
+    # The module TFDS reads such folders with (builder_from_directory), so that reading
+    # back does not log "fields info.[module_name] differ on disk and in the code".
     identity = tfds.core.DatasetIdentity(name=DATASET_NAME,
                                          version=tfds.core.Version(DATASET_VERSION),
-                                         data_dir=os.fspath(data_dir), module_name="")
+                                         data_dir=os.fspath(data_dir),
+                                         module_name="tensorflow_datasets.core.read_only_builder")
     combined = {split: "+".join(tfds_split_name(s, label) for s, label, _ in _class_splits(m)
                                 if s == split) for split in m.splits}
     info = tfds.core.DatasetInfo(
@@ -254,6 +258,18 @@ def dataset_info(data_dir, manifest=None, *, description: str | None = None,
     info.set_file_format(file_adapters.FileFormat.TFRECORD)
     info.set_splits(tfds.core.SplitDict(split_infos))
     return info
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """TFDS logs every metadata load at INFO through absl; prepare's output stays quiet."""
+    logger = logging.getLogger("absl")
+    old = logger.level
+    logger.setLevel(max(old, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
 
 
 def write_tfds_metadata(out, manifest=None, *, check: bool = True,
@@ -329,7 +345,8 @@ def check_tfds_metadata(data_dir, manifest=None) -> None:
             f"{data_dir} has no TFDS metadata (dataset_info.json); write it with "
             f"pneumo_data.tfds.metadata.write_tfds_metadata({str(data_dir)!r})")
     try:
-        builder = tfds.builder_from_directory(os.fspath(data_dir))
+        with _quiet_tfds():
+            builder = tfds.builder_from_directory(os.fspath(data_dir))
     except Exception as error:  # TFDS raises many kinds on unreadable metadata
         raise TfdsMetadataError(f"{data_dir}: TFDS cannot load its metadata: {error}") from None
     problems = []
