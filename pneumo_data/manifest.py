@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pneumo_data.common.errors import UserError
-from pneumo_data.common.files import file_sha256
+from pneumo_data.common.files import file_sha256, write_text
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "pneumo-manifest"
@@ -155,6 +155,13 @@ def load_manifest(data_dir: str | os.PathLike) -> Manifest:
 
 
 def write_manifest(out, data: dict[str, Any]) -> Path:
-    """Writes the manifest into OutputDir ``out`` atomically (partial file, fsync, rename)."""
+    """Writes the manifest into OutputDir ``out`` atomically (partial file, fsync, rename).
+
+    ``out`` may also be a folder path, for a writer that owns the folder another way (the
+    TFDS builder writes into the folder TFDS created for it).
+    """
+    if isinstance(out, (str, os.PathLike)):
+        _check_schema(Path(out) / MANIFEST_NAME, data)
+        return write_text(Path(out) / MANIFEST_NAME, json.dumps(data, indent=1) + "\n")
     _check_schema(out.path / MANIFEST_NAME, data)
     return out.write_text(MANIFEST_NAME, json.dumps(data, indent=1) + "\n")
