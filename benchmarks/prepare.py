@@ -2,18 +2,40 @@ r"""Ingest throughput: images/s of pneumo_data.prepare, interpreter start-up exc
 
     python -m benchmarks.prepare --source_dir=../shared/data/chest_xray_fullres
     python -m benchmarks.prepare --dicom            # generated 16-bit 2048x2048 DICOMs
+    python -m benchmarks.prepare --runners=threads,beam:1,beam:2   # threads vs Beam
 
 ``--dicom`` times DICOM ingest instead: a generated CSV-labelled folder of 16-bit 2048x2048
 DICOMs with a window (``--dicom_images`` files) prepared end to end with 1 and 2 decoding
 threads, and, per file kind (16-bit windowed, 12-bit MONOCHROME1 without a window, RLE
 Lossless, a 16-bit PNG of the same pixels for reference) the writer's decode call alone, plus
 the header-only read the planner does per file and a per-stage breakdown of one file.
+
+Threads against Apache Beam (needs apache-beam, the ``beam`` extra; here it lives in its
+own virtualenv)::
+
+    nice -n 10 /work/venvs/beam/bin/python -m benchmarks.prepare \
+        --source_dir=../shared/data/chest_xray_fullres --runners=threads,beam:1,beam:2
+
+``--runners`` times prepare's writing stage only (read, decode, encode, serialize, write
+the shards) on one plan computed up front: finding, hashing and splitting the files are
+the same for every runner and not timed. ``threads`` is prepare's threaded writer (one
+thread per core); ``beam:N`` is the Beam writer (``prepare --runner=beam``) on Beam's
+local Python runner (FnApiRunner, what the DirectRunner runs batch pipelines on) with N
+worker processes, worker start-up included; ``beam-startup:N`` is the same pipeline on
+one file per class, i.e. Beam's fixed cost. Every run's shards are checked against the
+first runner's (file names and sha256s).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import logging
+import os
 import shutil
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 from absl import app, flags
@@ -32,6 +54,8 @@ flags.DEFINE_bool("dicom", False, "Time DICOM ingest on generated 16-bit DICOMs 
 flags.DEFINE_integer("dicom_images", 16, "--dicom: files per kind (a 2048x2048 file is 8 MB).")
 flags.DEFINE_integer("dicom_side", 2048, "--dicom: side of the generated DICOMs.")
 flags.DEFINE_list("threads", ["1", "2"], "--dicom: decoding thread counts to time.")
+flags.DEFINE_list("runners", [], "Compare writers on one plan: threads, beam:N, "
+                                 "beam-startup:N (N worker processes; see the module docstring).")
 FLAGS = flags.FLAGS
 
 
@@ -103,10 +127,97 @@ def dicom_main():
                           "decode": decode, "stage_ms": stages}, table)
 
 
+def _plan(config: PrepareConfig):
+    from pneumo_data import sources
+    from pneumo_data.plan import make_plan
+    scan = sources.scan(config.source_dir, config.source, config.patient_id_regex)
+    return make_plan(scan, config, os.cpu_count() or 1, lambda it, total, desc: it,
+                     logging.getLogger("benchmarks.prepare"))
+
+
+def _startup_plan(plan):
+    """One file per class of the first split: what Beam costs before any real work."""
+    from pneumo_data.plan import ShardGroup
+    groups = [ShardGroup(g.split, g.label, g.entries[:1], 1) for g in plan.groups[:2]]
+    return dataclasses.replace(plan, groups=groups,
+                               entries=[e for g in groups for e in g.entries])
+
+
+def _write_with(runner: str, plan, config: PrepareConfig, out_dir: str) -> dict:
+    """Writes ``plan`` with one runner into ``out_dir``; returns the shard table."""
+    from pneumo_data import prepare as prepare_module
+    from pneumo_data.common.outputs import OutputDir
+    with OutputDir(out_dir, "prepare") as out:
+        if runner == "threads":
+            workers = config.num_workers or os.cpu_count() or 1
+            return prepare_module._write_shards(plan, out, config, workers)[0]
+        from pneumo_data import beam_writer
+        kind, _, processes = runner.partition(":")
+        if kind not in ("beam", "beam-startup") or not processes.isdigit():
+            raise ValueError(f"unknown runner {runner!r}: threads, beam:N or beam-startup:N")
+        if kind == "beam-startup":
+            plan = _startup_plan(plan)
+        options = (f"--runner=FnApiRunner --direct_running_mode=multi_processing "
+                   f"--direct_num_workers={int(processes)}")
+        beam_config = dataclasses.replace(config, runner="beam", beam_pipeline_options=options)
+        return beam_writer.write_shards(plan, out, beam_config)[0]
+
+
+def compare_runners(source_dir: str, runners: list[str], image_size: int, repeats: int) -> dict:
+    """Seconds and img/s of the writing stage per runner on one plan (module docstring)."""
+    config = PrepareConfig(source_dir=source_dir, output_dir="(benchmark)",
+                           image_size=image_size, progress=False)
+    plan = _plan(config)
+    reference, results = None, {}
+    for runner in runners:
+        seconds, images = [], 0
+        for attempt in range(repeats + 1):  # the first is a warm-up (page cache, imports)
+            fresh = copy.deepcopy(plan)  # writing marks the entries
+            out = tempfile.mkdtemp(prefix="pneumo-bench-runners-")
+            try:
+                start = time.perf_counter()
+                table = _write_with(runner, fresh, config, out)
+                elapsed = time.perf_counter() - start
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
+            shards = {e["file"]: e["sha256"] for by_class in table.values()
+                      for entries in by_class.values() for e in entries}
+            images = sum(e["records"] for by_class in table.values()
+                         for entries in by_class.values() for e in entries)
+            if not runner.startswith("beam-startup"):
+                if reference is None:
+                    reference = (runner, shards)
+                elif shards != reference[1]:
+                    raise RuntimeError(f"{runner} wrote other shards than {reference[0]}")
+            if attempt:
+                seconds.append(elapsed)
+        median = statistics.median(seconds)
+        results[runner] = {"images": images, "seconds_median": median, "seconds": seconds,
+                           "img_per_s": images / median}
+    return results
+
+
+def runners_main():
+    from pneumo_data import synthetic
+    source_dir = FLAGS.source_dir or str(synthetic.default_dataset_dir())
+    name = FLAGS.name or f"prepare-runners-{source_dir.rstrip('/').split('/')[-1]}"
+    common.check_writable(*common.result_paths(name, FLAGS.output_dir))
+    results = compare_runners(source_dir, FLAGS.runners, FLAGS.image_size, FLAGS.repeats)
+    rows = [[runner, r["images"], r["seconds_median"], r["img_per_s"]]
+            for runner, r in results.items()]
+    table = common.markdown_table(["writer", "images", "seconds (median)", "img/s"], rows)
+    common.write_results(name, FLAGS.output_dir,
+                         {"environment": common.environment(), "source_dir": source_dir,
+                          "image_size": FLAGS.image_size, "repeats": FLAGS.repeats,
+                          "results": results}, table)
+
+
 def main(_):
     import tensorflow  # noqa: F401  (import cost is start-up, not ingest)
     if FLAGS.dicom:
         dicom_main()
+    elif FLAGS.runners:
+        runners_main()
     else:
         folders_main()
 

@@ -72,3 +72,15 @@ def test_prepare_dicom_smoke(tmp_path):
                for t in (1, 2))
     assert set(payload["stage_ms"]) == {"read bytes", "pydicom parse", "pixel_array",
                                         "modality+VOI to uint8", "resize"}
+
+
+def test_prepare_runners_smoke(tmp_path, tiny_source):
+    import importlib.util
+    runners = "threads,beam:1" if importlib.util.find_spec("apache_beam") else "threads"
+    payload = run("benchmarks.prepare", tmp_path, tiny_source, f"--runners={runners}",
+                  "--repeats=1", "--image_size=16")
+    assert list(payload["results"]) == runners.split(",")
+    images = {r["images"] for r in payload["results"].values()}
+    assert len(images) == 1 and images.pop() > 0  # every writer wrote the same records
+    assert all(r["img_per_s"] > 0 and len(r["seconds"]) == 1
+               for r in payload["results"].values())
