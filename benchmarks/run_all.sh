@@ -20,4 +20,13 @@ python -m benchmarks.train_step --source_dir="$DATA/chest_xray_224" --models=vgg
 python -m benchmarks.prepare --source_dir="$DATA/chest_xray_fullres"
 python -m benchmarks.prepare --source_dir="$DATA/chest_xray_224" --repeats=2
 python -m benchmarks.prepare --dicom
+# Threads against Beam: needs apache-beam, which may live in its own virtualenv
+# (BEAM_PYTHON=/path/to/venv/bin/python bash benchmarks/run_all.sh).
+BEAM_PYTHON=${BEAM_PYTHON:-python}
+if "$BEAM_PYTHON" -c "import apache_beam" 2>/dev/null; then
+    "$BEAM_PYTHON" -m benchmarks.prepare --source_dir="$DATA/chest_xray_fullres" \
+        --runners=threads,beam-startup:1,beam-startup:2,beam:1,beam:2 --repeats=2
+else
+    echo "skipping benchmarks.prepare --runners: $BEAM_PYTHON cannot import apache_beam" >&2
+fi
 python -m benchmarks.encoding --source_dir="$DATA/chest_xray_224"

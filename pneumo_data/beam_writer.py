@@ -57,6 +57,7 @@ from typing import Any
 from pneumo_data import shards
 from pneumo_data.common.errors import UserError
 from pneumo_data.common.files import partial_path
+from pneumo_data.common.jobs import import_tensorflow
 
 log = logging.getLogger("pneumo.beam_writer")
 
@@ -130,6 +131,7 @@ class _EncodeFn:
 
     def __call__(self, line: str):
         from pneumo_data.prepare import encode_record
+        import_tensorflow()  # once per worker process, its start-up noise filtered as in jobs
         shard_name, group, position, entry = pickle.loads(base64.b64decode(line))
         reason, record = encode_record(entry, self.config)
         return shard_name, (group, position, reason, record)
@@ -153,6 +155,7 @@ class _WriteShardFn:
 
     def __call__(self, element) -> str:
         name, items = element
+        import_tensorflow()
         items = sorted(items, key=lambda item: item[:2])  # plan order
         writer = shards.ShardWriter(_Claimed(self.output_dir), name)
         fates = []
