@@ -342,7 +342,8 @@ def check_tfds_metadata(data_dir, manifest=None) -> None:
     data_dir = Path(data_dir)
     if not (data_dir / "dataset_info.json").exists():
         raise TfdsMetadataError(
-            f"{data_dir} has no TFDS metadata (dataset_info.json); write it with "
+            f"{data_dir} has no TFDS metadata (dataset_info.json); re-run prepare on it "
+            f"(an up-to-date folder only gets its metadata written) or call "
             f"pneumo_data.tfds.metadata.write_tfds_metadata({str(data_dir)!r})")
     try:
         with _quiet_tfds():
@@ -381,7 +382,8 @@ def check_tfds_metadata(data_dir, manifest=None) -> None:
     if problems:
         raise TfdsMetadataError(
             f"{data_dir}: TFDS metadata does not match {manifest_lib.MANIFEST_NAME}: "
-            + "; ".join(problems) + ". Rewrite it with write_tfds_metadata.")
+            + "; ".join(problems) + ". Re-run prepare on it (an up-to-date folder only gets "
+            "its metadata rewritten), or call write_tfds_metadata")
 
 
 def load_builder(data_dir):

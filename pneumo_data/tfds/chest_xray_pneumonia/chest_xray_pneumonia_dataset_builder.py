@@ -144,10 +144,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             if len(present) < 2:
                 raise ManualDirError(f"{manual_dir}: only class {sorted(present)} has files; "
                                      f"both NORMAL and PNEUMONIA folders with images are needed")
-            plan = make_plan(scan, config, os.cpu_count() or 1, _no_progress, log)
         except (UserError, OSError) as error:
             raise ManualDirError(f"{error}\n\nManual download instructions:\n"
                                  f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}") from None
+        # A LeakageError (a patient in the official test split and in train) passes as is.
+        plan = make_plan(scan, config, os.cpu_count() or 1, _no_progress, log)
         self._pneumo_plan = (config, scan, source_fingerprint(scan.files), plan)
         return {metadata.tfds_split_name(g.split, g.label): self._generate_examples(g.entries,
                                                                                      config)
