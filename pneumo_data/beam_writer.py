@@ -124,7 +124,11 @@ def _plan_line(shard_name: str, group: int, position: int, entry) -> str:
 
 
 class _EncodeFn:
-    """Plan line -> ``(shard name, (group, position, reason, record))``."""
+    """Plan line -> ``(shard name, (group, position, reason, record, entry changes))``.
+
+    The entry changes are the attributes the record step set on the worker's copy of the
+    entry (the DICOM header it read, ``Entry.dicom``); the driver applies them to its own.
+    """
 
     def __init__(self, config):
         self.config = config
@@ -133,8 +137,14 @@ class _EncodeFn:
         from pneumo_data.prepare import encode_record
         import_tensorflow()  # once per worker process, its start-up noise filtered as in jobs
         shard_name, group, position, entry = pickle.loads(base64.b64decode(line))
+        before = dict(vars(entry))
         reason, record = encode_record(entry, self.config)
-        return shard_name, (group, position, reason, record)
+        changes = {k: v for k, v in vars(entry).items() if before.get(k, _UNSET) is not v}
+        state = base64.b64encode(pickle.dumps(changes)).decode() if changes else None
+        return shard_name, (group, position, reason, record, state)
+
+
+_UNSET = object()
 
 
 class _Claimed:
@@ -159,12 +169,10 @@ class _WriteShardFn:
         items = sorted(items, key=lambda item: item[:2])  # plan order
         writer = shards.ShardWriter(_Claimed(self.output_dir), name)
         fates = []
-        for group, position, reason, record in items:
-            if reason:
-                fates.append([group, position, reason])
-                continue
-            writer.write(record)
-            fates.append([group, position, None])
+        for group, position, reason, record, state in items:
+            fates.append([group, position, reason, state])
+            if not reason:
+                writer.write(record)
         return json.dumps({"entry": writer.close(), "fates": fates})
 
 
@@ -273,8 +281,10 @@ def _assemble(plan, expected: dict[str, tuple[int, int]], n_files: int,
         group, result = plan.groups[g], by_file[name]
         shard_table[group.split][group.label].append(result["entry"])
         counts[group.split][group.label] += int(result["entry"]["records"])
-        for fate_group, position, reason in result["fates"]:
+        for fate_group, position, reason, state in result["fates"]:
             entry = plan.groups[fate_group].entries[position]
+            if state is not None:
+                vars(entry).update(pickle.loads(base64.b64decode(state)))
             if reason:
                 entry.skip(reason)
             else:

@@ -23,7 +23,9 @@ TWO_PROCESSES = ("--runner=DirectRunner --direct_num_workers=2 "
 
 
 def _source(tmp_path):
-    """Kaggle layout with several images per patient, an undecodable file and an empty one."""
+    """Kaggle layout with several images per patient, an undecodable file, an empty one and
+    DICOMs (their header info goes into the manifest rows)."""
+    from tests import dicom_files
     names_n = [f"IM-{p:04d}-000{k}.jpeg" for p in range(1, 16) for k in (1, 2)]
     names_p = [f"person{p}_{'virus' if p % 3 else 'bacteria'}_{p * 10 + k}.png"
                for p in range(1, 26) for k in (1, 2)]
@@ -35,6 +37,10 @@ def _source(tmp_path):
     whole = (src / "train" / "NORMAL" / "IM-0001-0001.jpeg").read_bytes()
     (src / "train" / "NORMAL" / "IM-0001-0003.jpeg").write_bytes(whole[: len(whole) // 3])
     (src / "train" / "PNEUMONIA" / "person2_virus_99.png").write_bytes(b"")
+    for k, cls in enumerate(("NORMAL", "NORMAL", "PNEUMONIA", "PNEUMONIA")):
+        pixels = dicom_files.gradient(seed=k)
+        dicom_files.write(src / "train" / cls / f"scan{k}.dcm",
+                          dicom_files.make_dataset(pixels, PatientID=f"DCM-{k}"))
     return src
 
 
@@ -74,6 +80,8 @@ def test_beam_output_is_identical_to_the_threaded_prepare(tmp_path):
     rows = {r["path"]: r for r in beam.data["files"]}
     assert rows["train/NORMAL/IM-0001-0003.jpeg"]["status"] == "skipped"
     assert rows["train/PNEUMONIA/person2_virus_99.png"]["reason"].startswith("empty file")
+    assert rows["train/NORMAL/scan0.dcm"]["status"] == "written"
+    assert rows["train/NORMAL/scan0.dcm"]["dicom"]["voi"]  # read by a Beam worker, kept
     assert len(threaded.shard_entries("train", "pneumonia")) > 2
     # Same files (shards and TFDS metadata), byte for byte; the work folder is gone.
     names = _visible(tmp_path / "threads")

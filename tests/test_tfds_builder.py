@@ -33,6 +33,9 @@ def kaggle_dir(tmp_path_factory):
         "test": {"NORMAL": names_n[20:], "PNEUMONIA": names_p[28:]},
     })
     (src / "train" / "PNEUMONIA" / "person99_virus_1.jpeg").write_bytes(b"not a jpeg")
+    from tests import dicom_files  # a DICOM among the JPEGs: its header goes into its row
+    dicom_files.write(src / "train" / "PNEUMONIA" / "scan1.dcm",
+                      dicom_files.make_dataset(dicom_files.gradient(), PatientID="DCM-1"))
     return root
 
 
@@ -92,6 +95,7 @@ def test_same_split_and_records_as_prepare_for_the_same_seed(built, kaggle_dir, 
     rows = {r["path"]: r for r in mine["files"]}
     assert rows["chest_xray/train/PNEUMONIA/person99_virus_1.jpeg"]["reason"].startswith(
         "not an image")
+    assert rows["chest_xray/train/PNEUMONIA/scan1.dcm"]["dicom"]["voi"]
     # The records hold prepare's bytes (image included), though TFDS orders and shards them
     # its own way.
     assert _records(ours.data_dir) == _records(prepared.data_dir)
@@ -158,4 +162,4 @@ def test_beam_path_writes_the_same_examples(built, kaggle_dir, tmp_path):
     assert _records(beam_built.data_dir) == _records(built.data_dir)
     ours, theirs = _manifest(beam_built.data_dir), _manifest(built.data_dir)
     assert ours["counts"] == theirs["counts"]
-    assert ours["files"] == theirs["files"]
+    assert ours["files"] == theirs["files"]  # the DICOM's header info included

@@ -139,7 +139,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         manual_dir = Path(dl_manager.manual_dir).resolve()
         config = self.builder_config.prepare_config(manual_dir)
         try:
-            scan = sources.scan_sources(config.source_dir, config.patient_id_regex)
+            scan = sources.scan(config.source_dir, config.source, config.patient_id_regex)
             present = {f.label for f in scan.files if f.skip_reason is None}
             if len(present) < 2:
                 raise ManualDirError(f"{manual_dir}: only class {sorted(present)} has files; "
@@ -149,7 +149,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                                  f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}") from None
         # A LeakageError (a patient in the official test split and in train) passes as is.
         plan = make_plan(scan, config, os.cpu_count() or 1, _no_progress, log)
-        self._pneumo_plan = (config, scan, source_fingerprint(scan.files), plan)
+        self._pneumo_plan = (config, scan, source_fingerprint(scan), plan)
         return {metadata.tfds_split_name(g.split, g.label): self._generate_examples(g.entries,
                                                                                      config)
                 for g in plan.groups if g.entries}
@@ -189,6 +189,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         for g in plan.groups:
             for entry in g.entries:
                 if entry.source.relpath in written:
+                    if self._pneumo_beam and entry.dicom is None and _looks_like_dicom(entry):
+                        encode_record(entry, config)  # the header info a Beam worker read
                     entry.status, entry.shard = "written", written[entry.source.relpath]
                 else:  # not written: run the step again for the reason
                     reason = encode_record(entry, config)[0]
@@ -203,6 +205,14 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
 def _no_progress(iterable, total, desc):
     return iterable
+
+
+def _looks_like_dicom(entry) -> bool:
+    """DICOM by content, as prepare's decode decides (``dicom.decode_any``)."""
+    from pneumo_data import dicom
+    with open(entry.source.path, "rb") as handle:
+        head = handle.read(256)
+    return dicom.is_dicom(head) or dicom._bare_dataset(head)
 
 
 def _examples_of(entry, config):
