@@ -224,3 +224,28 @@ def test_tfds_name_is_not_shadowed_by_the_subpackage():
     assert ours.__name__ == "pneumo_data.tfds"
     assert tfds.__name__ == "tensorflow_datasets"
     assert hasattr(tfds, "builder_from_directory")
+
+
+@pytest.mark.parametrize("source", ["rsna", "csv"])
+def test_other_sources_are_cited_as_themselves_not_as_kermany(tmp_path, source):
+    from pneumo_data.common.config import with_leaves
+    from tests import source_layouts
+    if source == "rsna":
+        source_layouts.write_rsna(tmp_path / "src", n=16)
+        leaves, doi = {}, "10.1148/ryai.2019180041"
+    else:
+        source_layouts.write_export(tmp_path / "src", n=16)
+        leaves = dict(labels_csv="labels.csv", path_column="file", label_column="finding",
+                      positive_values="Pneumonia", negative_values="No Finding")
+        doi = None
+    m = prepare(with_leaves(PrepareConfig(), source_dir=str(tmp_path / "src"),
+                            output_dir=str(tmp_path / "out"), image_size=24, progress=False,
+                            val_fraction=0.25, **leaves))
+    builder = tfds.builder_from_directory(str(m.data_dir))
+    assert "10.1016/j.cell.2018.02.010" not in builder.info.citation
+    if doi:
+        assert doi in builder.info.citation
+    else:
+        assert builder.info.citation == "" and "cite that source" in builder.info.description
+    got = sum(1 for _ in builder.as_dataset(split=metadata.split_spec("train", manifest=m)))
+    assert got == m.count("train")

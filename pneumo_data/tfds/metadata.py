@@ -66,7 +66,7 @@ from pneumo_data.common.outputs import OutputDir
 
 __all__ = ["TfdsMetadataError", "write_tfds_metadata", "check_tfds_metadata",
            "ensure_tfds_metadata", "load_builder", "split_spec", "tfds_split_name",
-           "dataset_info", "METADATA_FILES", "KERMANY_CITATION"]
+           "dataset_info", "source_reference", "METADATA_FILES", "KERMANY_CITATION"]
 
 log = logging.getLogger("pneumo.tfds")
 
@@ -87,6 +87,64 @@ Guangzhou Women and Children's Medical Center, labelled normal or pneumonia (bac
 viral) by Kermany et al. (2018); distributed as Mendeley Data v2 (CC BY 4.0) and as the
 Kaggle "chest-xray-pneumonia" folder. The citation below is that dataset's: if these
 images come from another source, cite that source instead."""
+
+# The public collections pneumo's presets read (pneumo_data.sources.presets): a folder
+# prepared from one of them names and cites it. Any other source (a CSV-labelled export)
+# gets no citation, and its description says to cite where the images came from.
+_REFERENCES = {
+    "rsna": ("""\
+@article{shih2019augmenting,
+  author  = {Shih, George and Wu, Carol C. and Halabi, Safwan S. and others},
+  title   = {Augmenting the National Institutes of Health Chest Radiograph Dataset with
+             Expert Annotations of Possible Pneumonia},
+  journal = {Radiology: Artificial Intelligence},
+  volume  = {1},
+  number  = {1},
+  pages   = {e180041},
+  year    = {2019},
+  doi     = {10.1148/ryai.2019180041},
+}""", "https://www.kaggle.com/c/rsna-pneumonia-detection-challenge",
+             "RSNA Pneumonia Detection Challenge images (a subset of NIH ChestX-ray14 with "
+             "radiologists' pneumonia annotations)."),
+    "nih": ("""\
+@inproceedings{wang2017chestxray8,
+  author    = {Wang, Xiaosong and Peng, Yifan and Lu, Le and Lu, Zhiyong and
+               Bagheri, Mohammadhadi and Summers, Ronald M.},
+  title     = {{ChestX-ray8}: Hospital-scale Chest X-ray Database and Benchmarks on
+               Weakly-Supervised Classification and Localization of Common Thorax Diseases},
+  booktitle = {IEEE Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2017},
+  doi       = {10.1109/CVPR.2017.369},
+}""", "https://nihcc.app.box.com/v/ChestXray-NIHCC", "NIH ChestX-ray14 images."),
+    "chexpert": ("""\
+@inproceedings{irvin2019chexpert,
+  author    = {Irvin, Jeremy and Rajpurkar, Pranav and Ko, Michael and others},
+  title     = {{CheXpert}: A Large Chest Radiograph Dataset with Uncertainty Labels and
+               Expert Comparison},
+  booktitle = {AAAI Conference on Artificial Intelligence},
+  year      = {2019},
+  doi       = {10.1609/aaai.v33i01.3301590},
+}""", "https://stanfordmlgroup.github.io/competitions/chexpert/", "CheXpert images."),
+}
+
+
+def source_reference(data: Mapping[str, Any]) -> tuple[str, str, str]:
+    """(citation, homepage, description paragraph) for the source a manifest was prepared from.
+
+    Kaggle-layout folders (and manifests older than presets) cite Kermany et al.; the
+    rsna, nih and chexpert presets their collections; anything else nothing.
+    """
+    source = data.get("source", {})
+    preset = source.get("preset") or "kaggle"
+    if preset == "kaggle":
+        return KERMANY_CITATION, HOMEPAGE, KERMANY_DESCRIPTION
+    if preset in _REFERENCES:
+        citation, homepage, what = _REFERENCES[preset]
+        return citation, homepage, (f"{what} The citation below is that collection's: if "
+                                    f"these images come from elsewhere, cite that source.")
+    name = source.get("dataset_name") or "the source folder"
+    return "", "", (f"Images from {name} (a {preset} source). pneumo does not know where they "
+                    f"come from: cite that source.")
 
 
 class TfdsMetadataError(UserError):
@@ -186,7 +244,7 @@ def features(m: manifest_lib.Manifest):
     return feature_dict(m.data["image"], m.classes)
 
 
-def _description(m: manifest_lib.Manifest, citation_is_kermany: bool) -> str:
+def _description(m: manifest_lib.Manifest, source_paragraph: str) -> str:
     data = m.data
     lines = [
         f"A folder prepared by pneumo {data.get('library_version', '?')} "
@@ -204,14 +262,11 @@ def _description(m: manifest_lib.Manifest, citation_is_kermany: bool) -> str:
             f"{split} " + ", ".join(f"{label} {n}" for label, n in by_class.items())
             for split, by_class in data["counts"].items()) + ".",
     ]
-    text = "\n".join(lines)
-    if citation_is_kermany:
-        text += "\n\n" + KERMANY_DESCRIPTION
-    return text
+    return "\n".join(lines) + "\n\n" + source_paragraph
 
 
 def dataset_info(data_dir, manifest=None, *, description: str | None = None,
-                 citation: str = KERMANY_CITATION, homepage: str = HOMEPAGE):
+                 citation: str | None = None, homepage: str | None = None):
     """The ``tfds.core.DatasetInfo`` of a prepared folder, with its split infos set.
 
     Args:
@@ -219,12 +274,14 @@ def dataset_info(data_dir, manifest=None, *, description: str | None = None,
       manifest: its manifest (a ``Manifest`` or the manifest dict); default:
         ``data_dir/manifest.json``.
       description: replaces the generated description.
-      citation, homepage: of the source dataset (default: Kermany et al. 2018).
+      citation, homepage: of the source dataset (default: from the manifest's source,
+        :func:`source_reference`).
     """
     import tensorflow_datasets as tfds
     from tensorflow_datasets.core import file_adapters, naming
     m = _as_manifest(data_dir, manifest)
     data_dir = Path(data_dir)
+    known_citation, known_homepage, source_paragraph = source_reference(m.data)
     template = naming.ShardedFileTemplate(data_dir=data_dir, template=FILENAME_TEMPLATE,
                                           dataset_name=DATASET_NAME, filetype_suffix="tfrecord")
     split_infos = [
@@ -245,11 +302,11 @@ def dataset_info(data_dir, manifest=None, *, description: str | None = None,
                                 if s == split) for split in m.splits}
     info = tfds.core.DatasetInfo(
         builder=identity,
-        description=description or _description(m, citation == KERMANY_CITATION),
+        description=description or _description(m, source_paragraph),
         features=features(m),
         supervised_keys=("image", "label"),
-        homepage=homepage,
-        citation=citation,
+        homepage=known_homepage if homepage is None else homepage,
+        citation=known_citation if citation is None else citation,
         metadata=tfds.core.MetadataDict(
             pneumo_manifest_digest=manifest_digest(m.data),
             classes=list(m.classes),
