@@ -4,6 +4,11 @@
 rename), so its presence means every shard it lists was complete when it was
 written. Readers load it with :func:`load_manifest` and can check shards
 against their recorded sizes and sha256 with :meth:`Manifest.verify`.
+
+``preprocess`` records how the files became the stored images (the settings of
+stage (a) of :mod:`pneumo_data.preprocess`, with the definition's version);
+:meth:`Manifest.preprocess` reads it, or derives it from ``image`` and
+``options`` for manifests written before the key existed.
 """
 
 from __future__ import annotations
@@ -52,6 +57,12 @@ class Manifest:
     @property
     def encoding(self) -> str:
         return self.data["image"]["encoding"]
+
+    @property
+    def preprocess(self):
+        """The :class:`~pneumo_data.preprocess.PreprocessSpec` the stored images were made with."""
+        from pneumo_data.preprocess import PreprocessSpec
+        return PreprocessSpec.from_manifest(self.data)
 
     def require_split(self, split: str) -> None:
         if split not in self.data["shards"]:
@@ -120,6 +131,14 @@ def _check_schema(path: Path, data: Any) -> None:
         bad("image.size is missing or not a positive integer")
     if image.get("encoding") not in ("raw", "jpeg", "png"):
         bad(f"image.encoding {image.get('encoding')!r} is not raw, jpeg or png")
+    if "preprocess" in data:  # optional: manifests written before it existed still load
+        from pneumo_data.preprocess import PreprocessSpec
+        try:
+            spec = PreprocessSpec.from_dict(data["preprocess"])
+        except UserError as error:
+            bad(f"preprocess: {error}")
+        if spec.stored_size != image["size"]:
+            bad(f"preprocess.stored_size {spec.stored_size} is not image.size {image['size']}")
     for split, by_class in data["shards"].items():
         if not isinstance(by_class, dict) or not isinstance(data["counts"].get(split), dict):
             bad(f"split {split!r} has no shard table or no counts")

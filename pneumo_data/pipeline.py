@@ -10,7 +10,8 @@
 
 Training graph, per class::
 
-    shard files -> interleave(TFRecordDataset) -> parse + decode + resize (uint8)
+    shard files -> interleave(TFRecordDataset) -> parse + decode + resize (uint8; stage (b)
+                   of pneumo_data.preprocess: exact integer box average / bilinear)
                 -> cache -> shuffle -> repeat
 
 then ``sample_from_datasets`` over the class streams with the target weights
@@ -43,7 +44,7 @@ import tensorflow as tf
 
 from pneumo_data import augment as augment_lib
 from pneumo_data import manifest as manifest_lib
-from pneumo_data import shards
+from pneumo_data import preprocess, shards
 from pneumo_data.common.errors import UserError
 from pneumo_data.config import AUGMENT_MODES, AugmentConfig, PipelineConfig
 
@@ -97,11 +98,9 @@ def _decode_fn(m: manifest_lib.Manifest, image_size: int, with_metadata: bool):
 
     def fn(serialized):
         features = shards.parse_example(serialized, encoding, stored)
-        image = features["image"]
-        if image_size != stored:
-            image = tf.image.resize(image, [image_size, image_size], method="area"
-                                    if image_size < stored else "bilinear")
-            image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+        # Stage (b) of the one preprocessing definition: the same integer resize runs in
+        # predict and inside every export, so the model sees the same bits everywhere.
+        image = preprocess.to_model_input(features["image"], image_size)
         label = tf.cast(tf.reshape(features["label"], [1]), tf.float32)
         if not with_metadata:
             return image, label

@@ -138,6 +138,7 @@ class PrepareConfig:
             raise PrepareError("shard_mb and max_pixels must be positive, num_workers >= 0")
         if self.beam_pipeline_options and self.runner != "beam":
             raise PrepareError("--beam_pipeline_options needs --runner=beam")
+        decode.prepare_spec(self)  # the stage (a) settings are valid
 
 
 def _progress(enabled: bool):
@@ -432,6 +433,7 @@ def manifest_data(config: PrepareConfig, scan: sources.SourceScan, fingerprint: 
                    "views": _view_counts(entries)},
         "image": {"size": config.image_size, "channels": 1, "dtype": "uint8",
                   "encoding": config.encoding, "resize": config.resize},
+        "preprocess": decode.prepare_spec(config).to_dict(),
         "classes": list(sources.CLASSES),
         "counts": counts,
         "shards": shard_table,

@@ -94,9 +94,8 @@ def _threshold_from(path: str) -> float:
 
 
 def predict(config: PredictConfig) -> Path:
-    import tensorflow as tf
-
     from pneumo_data.decode import DecodeError, decode_to_gray
+    from pneumo_data.preprocess import to_model_input
     from pneumo_eval.metrics import check_threshold
     from pneumo_models.models import load_model
 
@@ -126,11 +125,7 @@ def predict(config: PredictConfig) -> Path:
     def flush():
         if not batch:
             return
-        pixels = tf.constant(np.stack(batch)[..., None])
-        if stored != size:
-            pixels = tf.image.resize(pixels, [size, size],
-                                     method="area" if size < stored else "bilinear")
-            pixels = tf.cast(tf.clip_by_value(tf.round(pixels), 0, 255), tf.uint8)
+        pixels = to_model_input(np.stack(batch)[..., None], size)
         probs = np.asarray(model(pixels, training=False), np.float64)[:, 0]
         for row, p in zip(owners, probs):
             row.update(probability=f"{p:.6f}", decision="pneumonia" if p >= threshold
