@@ -3,14 +3,25 @@ r"""Prediction job: probability and decision for image files, one CSV row each.
     python -m pneumo_eval.predict --model_dir=runs/cnn --input=xrays/ --output=predictions.csv
     python -m pneumo_eval.predict --model_dir=runs/cnn --input=one.jpeg \
         --threshold_from=runs/cnn/eval-test/report.json
+    python -m pneumo_eval.predict --model=runs/cnn/export/saved_model --input=xrays/
+    python -m pneumo_eval.predict --model=runs/cnn/export/litert/int8.tflite --input=xrays/
 
-Images are decoded the way ingest decodes them (any JPEG/PNG, EXIF
-orientation, 16-bit, CMYK; grayscale; stretched to the stored size) and then
-resized to the model's input like the pipeline does. A file that cannot be
-read gets a row with its error instead of a probability; the job never stops
-on one bad file. The CSV is written under a partial name and renamed when
-complete. An existing ``--output`` is replaced only when it is an earlier
-predictions CSV of this job (same header); any other file is refused before
+``--model`` is a ``.keras`` file, a SavedModel folder written by
+:mod:`pneumo_models.export` or a ``.tflite`` file written by :mod:`pneumo_models.litert`
+(default: ``MODEL_DIR/model.keras``). Every file is decoded by stage (a) of
+:mod:`pneumo_data.preprocess` (Pillow: any JPEG/PNG/BMP/TIFF/GIF/WebP, EXIF orientation,
+16-bit, CMYK) with the settings the model's training images were stored with: for a Keras
+model those of its data manifest (``run.json`` of ``--model_dir``, or of the folder holding the
+``.keras`` file; ``--stored_size``/``--resize`` override), for an export the ones it recorded
+(``serving.json``, ``litert.json``). Stage (b), the resize to the model's input, is the
+pipeline's own (inside the SavedModel and the flatbuffer). So each route sees exactly the
+pixels the evaluated model saw.
+
+The threshold: ``--threshold_from`` (an evaluation's report.json), else ``--threshold``, else
+the one a SavedModel was exported with, else 0.5. A file that cannot be read gets a row with
+its error instead of a probability; the job never stops on one bad file. The CSV is written
+under a partial name and renamed when complete. An existing ``--output`` is replaced only when
+it is an earlier predictions CSV of this job (same header); any other file is refused before
 any work is done.
 """
 
@@ -21,6 +32,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -39,14 +51,21 @@ class PredictError(UserError):
 
 @dataclasses.dataclass(frozen=True)
 class PredictConfig:
-    model_dir: str | None = option(None, "A training model_dir (its model.keras is used).")
+    model_dir: str | None = option(None, "A training model_dir (its model.keras is used unless "
+                                          "--model).")
+    model: str | None = option(None, "A .keras file, a SavedModel folder (pneumo_models.export) "
+                                     "or a .tflite file (default: MODEL_DIR/model.keras).")
     input: str | None = option(None, "An image file or a folder (searched recursively).")
     output: str = option("predictions.csv", "CSV to write.")
-    threshold: float = option(0.5, "Decision threshold (ignored with --threshold_from).")
+    threshold: float | None = option(None, "Decision threshold (default: the exported one of a "
+                                           "SavedModel, else 0.5; ignored with "
+                                           "--threshold_from).")
     threshold_from: str | None = option(None, "A report.json from pneumo_eval.evaluate whose "
                                               "chosen threshold to use.")
-    stored_size: int = option(0, "Size the images were stored at in training (0: from the "
-                                 "model's data manifest, else 256).")
+    stored_size: int = option(0, "Keras models: the size the training images were stored at "
+                                 "(0: from the model's data manifest).")
+    resize: str | None = option(None, "Keras models: how they were resized to it, stretch or "
+                                      "pad (default: from the manifest, else stretch).")
     batch_size: int = option(32, "Prediction batch size.")
 
 
@@ -56,20 +75,6 @@ def _files(path: Path) -> list[Path]:
     if not path.is_dir():
         raise PredictError(f"--input {path} does not exist")
     return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-
-
-def _stored_size(config: PredictConfig, model_dir: Path) -> int:
-    from pneumo_models.train import run_data_dir
-    if config.stored_size:
-        return config.stored_size
-    try:
-        run = json.loads((model_dir / "run.json").read_text())
-        manifest = json.loads((run_data_dir(model_dir, run) / "manifest.json").read_text())
-        return int(manifest["image"]["size"])
-    except (OSError, KeyError, ValueError, TypeError):
-        log.warning("the stored size of %s's training data is unknown; using 256 "
-                    "(set --stored_size)", model_dir)
-        return 256
 
 
 def _check_output(out: Path) -> None:
@@ -93,31 +98,148 @@ def _threshold_from(path: str) -> float:
                            f"pneumo_eval.evaluate (no threshold.value)") from None
 
 
-def predict(config: PredictConfig) -> Path:
-    from pneumo_data.decode import DecodeError, decode_to_gray
-    from pneumo_data.preprocess import to_model_input
-    from pneumo_eval.metrics import check_threshold
-    from pneumo_models.models import load_model
+# ---------------------------------------------------------------- the three kinds of model
 
-    if not config.model_dir or not config.input:
-        raise PredictError("--model_dir and --input are required")
+@dataclasses.dataclass
+class Scorer:
+    """A loaded model: ``probabilities(stored uint8 [N, S, S, 1]) -> float [N]``."""
+
+    kind: str
+    path: Path
+    spec: object  # pneumo_data.preprocess.PreprocessSpec
+    spec_source: str
+    probabilities: Callable[[np.ndarray], np.ndarray]
+    threshold: float | None = None  # the exported one (SavedModel)
+
+
+def _model_path(config: PredictConfig) -> Path:
+    if config.model:
+        path = Path(config.model)
+        if not path.exists():
+            raise PredictError(f"--model {path} does not exist")
+        return path
+    if not config.model_dir:
+        raise PredictError("--model_dir or --model is required")
+    path = Path(config.model_dir) / "model.keras"
+    if not path.exists():
+        raise PredictError(f"{config.model_dir} has no model.keras (is the training finished?)")
+    return path
+
+
+def _kind(path: Path) -> str:
+    if path.is_dir():
+        if (path / "saved_model.pb").exists():
+            return "savedmodel"
+        raise PredictError(f"--model {path} is a folder without saved_model.pb: give a .keras "
+                           f"file, a SavedModel folder or a .tflite file")
+    if path.suffix == ".tflite":
+        return "litert"
+    if path.suffix == ".keras":
+        return "keras"
+    raise PredictError(f"--model {path}: expected a .keras file, a SavedModel folder or a "
+                       f".tflite file")
+
+
+def _keras_spec(config: PredictConfig, path: Path):
+    """(spec, where it came from) for a .keras model: overrides, else its run's manifest."""
+    from pneumo_data import manifest as manifest_lib
+    from pneumo_data.preprocess import PreprocessSpec
+    from pneumo_models.train import run_data_dir
+
+    spec, source = None, None
+    candidates = [Path(config.model_dir)] if config.model_dir else []
+    candidates.append(path.parent)
+    for model_dir in candidates:
+        if not (model_dir / "run.json").exists():
+            continue
+        run = read_json(model_dir / "run.json", "run record")
+        data_dir = run_data_dir(model_dir, run)
+        try:
+            spec = manifest_lib.load_manifest(data_dir).preprocess if data_dir else None
+        except manifest_lib.ManifestError as error:
+            log.warning("cannot read the training data's manifest: %s", error)
+            spec = None
+        if spec is not None:
+            source = f"the manifest of {data_dir}"
+            break
+    if config.stored_size or config.resize:
+        base = spec or PreprocessSpec()
+        spec = dataclasses.replace(base, stored_size=config.stored_size or base.stored_size,
+                                   resize=config.resize or base.resize)
+        source = "--stored_size/--resize" + (f" over {source}" if source else "")
+    if spec is None:
+        raise PredictError(
+            f"cannot tell how {path}'s training images were stored (no run.json with a readable "
+            f"data manifest beside it or in --model_dir): pass --stored_size (and --resize=pad "
+            f"if they were padded)")
+    return spec, source
+
+
+def _load(config: PredictConfig, path: Path, kind: str) -> Scorer:
+    from pneumo_data.preprocess import PreprocessSpec, to_model_input
+
+    if kind != "keras" and (config.stored_size or config.resize):
+        raise PredictError("--stored_size/--resize apply to .keras models only; an export "
+                           "records its own preprocessing settings")
+    if kind == "keras":
+        from pneumo_models.export import model_size
+        from pneumo_models.models import load_model
+
+        spec, source = _keras_spec(config, path)
+        model = load_model(path)
+        size = model_size(model)
+        return Scorer(kind, path, spec, source, lambda x: np.asarray(
+            model(to_model_input(x, size), training=False), np.float64)[:, 0])
+    if kind == "savedmodel":
+        import tensorflow as tf
+
+        from pneumo_models.export import load_serving_meta
+
+        meta = load_serving_meta(path)
+        signature = tf.saved_model.load(str(path)).signatures["serve_pixels"]
+        return Scorer(kind, path, PreprocessSpec.from_dict(meta["preprocess"]),
+                      f"{path}'s serving.json", lambda x: np.asarray(
+                          signature(pixels=tf.constant(x))["probability"], np.float64),
+                      threshold=float(meta["threshold"]))
+    from pneumo_models.litert import LiteRTModel, load_litert_meta
+
+    meta = load_litert_meta(path)
+    edge = LiteRTModel(path)
+    spec = PreprocessSpec.from_dict(meta["preprocess"])
+    if spec.stored_size != edge.stored_size:
+        raise PredictError(f"{path} takes {edge.stored_size} px images but its litert.json "
+                           f"says {spec.stored_size}")
+    return Scorer(kind, path, spec, f"{path.parent / 'litert.json'}",
+                  lambda x: edge.predict(x, batch_size=len(x)).astype(np.float64))
+
+
+def predict(config: PredictConfig) -> Path:
+    from pneumo_data.preprocess import RESIZE_MODES, DecodeError, decode_stored
+    from pneumo_eval.metrics import check_threshold
+
+    if not config.input:
+        raise PredictError("--input is required")
     if config.batch_size < 1 or config.stored_size < 0:
         raise PredictError("--batch_size must be positive and --stored_size >= 0")
-    model_dir = Path(config.model_dir)
+    if config.resize is not None and config.resize not in RESIZE_MODES:
+        raise PredictError(f"--resize must be one of {RESIZE_MODES}, got {config.resize!r}")
     out = Path(config.output)
     _check_output(out)
-    threshold = _threshold_from(config.threshold_from) if config.threshold_from \
+    given = _threshold_from(config.threshold_from) if config.threshold_from \
         else config.threshold
-    try:
-        threshold = check_threshold(threshold)
-    except ValueError as error:
-        raise PredictError(str(error)) from None
+    if given is not None:
+        try:
+            check_threshold(given)
+        except ValueError as error:
+            raise PredictError(str(error)) from None
     files = _files(Path(config.input))
-    if not (model_dir / "model.keras").exists():
-        raise PredictError(f"{model_dir} has no model.keras (is the training finished?)")
-    model = load_model(model_dir / "model.keras")
-    size = int(model.inputs[0].shape[1])
-    stored = _stored_size(config, model_dir)
+    path = _model_path(config)
+    scorer = _load(config, path, _kind(path))
+    threshold = check_threshold(given if given is not None else
+                                scorer.threshold if scorer.threshold is not None else 0.5)
+    spec = scorer.spec
+    log.info("%s model %s; preprocessing %s (from %s); threshold %g", scorer.kind, path,
+             json.dumps(spec.to_dict()), scorer.spec_source, threshold)
 
     rows: list[dict] = []
     batch, owners = [], []
@@ -125,25 +247,24 @@ def predict(config: PredictConfig) -> Path:
     def flush():
         if not batch:
             return
-        pixels = to_model_input(np.stack(batch)[..., None], size)
-        probs = np.asarray(model(pixels, training=False), np.float64)[:, 0]
+        probs = scorer.probabilities(np.stack(batch)[..., None])
         for row, p in zip(owners, probs):
             row.update(probability=f"{p:.6f}", decision="pneumonia" if p >= threshold
                        else "normal")
         batch.clear()
         owners.clear()
 
-    for path in files:
-        row = {"path": str(path), "probability": "", "decision": "", "threshold": threshold,
+    for file in files:
+        row = {"path": str(file), "probability": "", "decision": "", "threshold": threshold,
                "error": ""}
         rows.append(row)
         try:
-            batch.append(decode_to_gray(path.read_bytes(), stored))
+            batch.append(decode_stored(file.read_bytes(), spec))
             owners.append(row)
         except (DecodeError, OSError) as error:
             row["error"] = str(error)
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                row["error"] += f" (suffix {path.suffix or 'none'})"
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                row["error"] += f" (suffix {file.suffix or 'none'})"
         if len(batch) >= config.batch_size:
             flush()
     flush()

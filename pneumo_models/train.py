@@ -14,8 +14,10 @@ r"""The training job: prepared shards (or an image folder) to a trained, exporte
 Writes to ``model_dir``: ``config.json`` and ``config.flags`` (the run's options, written
 once the data has been checked; a model_dir holding another run's config is refused unless
 ``--overwrite``), ``history.csv``, ``logs/`` (TensorBoard), ``best.keras`` (best val AUC),
-``model.keras`` (the final model, the best weights), ``export/`` (SavedModel serving encoded
-JPEG/PNG bytes), ``data/`` (with ``--source_dir`` or the embedded data) and ``run.json``
+``model.keras`` (the final model, the best weights), ``export/saved_model/`` (the serving
+SavedModel of :mod:`pneumo_models.export`, threshold 0.5 until ``python -m
+pneumo_models.export --threshold_from=...`` re-exports it; ``export/`` is that job's folder),
+``data/`` (with ``--source_dir`` or the embedded data) and ``run.json``
 (resolved precision and XLA, data identity, final val metrics; written last, it marks the run
 complete). The folder is locked while the job runs, and a ledger lists what the job wrote:
 the job never deletes or rewrites anything else, and ``--overwrite`` replaces only its own
@@ -53,7 +55,7 @@ from pneumo_data.common.config import (
     option,
 )
 from pneumo_data.common.errors import UserError
-from pneumo_data.common.files import read_json
+from pneumo_data.common.files import file_sha256, read_json
 from pneumo_data.common.outputs import OutputDir
 from pneumo_data.config import PipelineConfig
 from pneumo_models.config import MODELS, NetworkConfig, OptimizerConfig
@@ -263,7 +265,7 @@ def _train(config: TrainConfig, out: OutputDir, m, counts: dict[str, int]) -> di
     import pneumo_data
     from pneumo_models import callbacks as cb
     from pneumo_models import models
-    from pneumo_models.export import export_serving
+    from pneumo_models.export import export_into_model_dir
     from pneumo_models.precision import resolve_jit, resolve_precision
 
     p = config.pipeline
@@ -353,7 +355,8 @@ def _train(config: TrainConfig, out: OutputDir, m, counts: dict[str, int]) -> di
     final = models.load_model(best_path) if best_path.exists() else model
     with out.replacing("model.keras") as tmp:
         final.save(tmp)
-    export_serving(final, out.path / "export", out=out)
+    export_into_model_dir(out, final, m.preprocess,
+                          model_sha256=file_sha256(out.path / "model.keras"))
     out.seal("logs")
     metrics = final.evaluate(val_ds, verbose=0, return_dict=True)
     run = {

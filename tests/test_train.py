@@ -35,7 +35,8 @@ def test_job_writes_everything_and_second_run_is_noop(prepared, tmp_path):
     for name in ("config.json", "config.flags", "history.csv", "best.keras", "model.keras",
                  "run.json"):
         assert (out / name).exists(), name
-    assert (out / "export" / "saved_model.pb").exists() and list((out / "logs").iterdir())
+    assert (out / "export" / "saved_model" / "saved_model.pb").exists()
+    assert list((out / "logs").iterdir())
     assert not (out / "resume").exists()
     assert run["precision"] == "float32" and run["jit_compile"] is False
     assert {"auc", "accuracy", "precision", "recall", "loss"} <= set(run["val_metrics"])

@@ -1,0 +1,312 @@
+"""LiteRT (TensorFlow Lite) flatbuffers for devices, on :mod:`pneumo_data.preprocess`.
+
+    python -m pneumo_models.export --model_dir=runs/cnn --litert=float32,float16,int8
+
+    from pneumo_models.litert import LiteRTModel      # pip install 'pneumo[edge]'
+    edge = LiteRTModel("runs/cnn/export/litert/int8.tflite")
+    probability = edge.predict(stored_uint8_images)   # [N, S, S, 1] -> [N]
+
+Each flatbuffer takes the *stored* image, uint8 ``[N, S, S, 1]`` (batch 1 in the file;
+:class:`LiteRTModel` resizes the batch dimension), i.e. what stage (a) of
+:mod:`pneumo_data.preprocess` makes of a file (``decode_stored``; on a device, the same
+Pillow code or any decoder plus the recorded settings). Inside: stage (b) (int32
+GATHER/MUL/SUM, exact, the same bits as the pipeline), the model's own ``Preprocess`` layer and
+the network; the output is the pneumonia probability, float32 ``[N]``. The augmentation layer
+is called with ``training=False`` and leaves no op behind.
+
+Variants:
+
+* ``float32``: the weights as trained.
+* ``float16``: weights stored as float16 (half the file), computed in float32.
+* ``int8``: full-integer post-training quantization (weights and activations int8, int32
+  biases), calibrated on images of the pipeline's *train* stream
+  (:func:`calibration_images`: ``pneumo_data.train_dataset`` without augmentation, which opens
+  the train split's shards only; ``litert.json`` lists them). The uint8 input and the integer
+  stage (b) are not quantized; the output is dequantized to float32.
+
+The converter is TensorFlow's ``tf.lite.TFLiteConverter`` (still shipped in TF 2.21):
+``from_concrete_functions`` on the model called inside a ``tf.function``, after freezing its
+variables into constants (otherwise the flatbuffer keeps READ_VARIABLE ops that the int8
+calibrator cannot run). LiteRT has no bfloat16 kernels, so a model trained under
+``mixed_bfloat16`` is first rebuilt in float32 with the same weights (:func:`float32_copy`).
+The interpreter is ``ai_edge_litert`` (``tf.lite.Interpreter`` is deprecated in TF 2.21).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from pneumo_data import preprocess
+from pneumo_data.common import files
+from pneumo_data.common.errors import UserError
+from pneumo_models.export import VARIANTS, ExportError, model_size, replacing_folder, versions
+
+log = logging.getLogger("pneumo.litert")
+LITERT_META = "litert.json"
+
+
+def float32_copy(model):
+    """The same network with every layer's dtype policy set to float32, same weights.
+
+    Returns ``model`` itself when it already computes in float32.
+    """
+    import keras
+
+    import pneumo_models.models  # noqa: F401  (registers the custom layers)
+
+    def visit(obj):
+        if isinstance(obj, dict):
+            if obj.get("class_name") in ("DTypePolicy", "DTypePolicyMap"):
+                return {**obj, "config": {**obj.get("config", {}), "name": "float32"}}
+            return {key: visit(value) for key, value in obj.items()}
+        if isinstance(obj, list):
+            return [visit(value) for value in obj]
+        return obj
+
+    if all(getattr(layer, "dtype_policy", None) is None
+           or layer.dtype_policy.name == "float32" for layer in _all_layers(model)):
+        return model
+    copy = keras.Model.from_config(visit(model.get_config()))
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _all_layers(layer)
+
+
+def edge_module(model, stored_size: int):
+    """A ``tf.Module`` whose ``serve`` maps uint8 ``[N, S, S, 1]`` to probability [N]."""
+    import tensorflow as tf
+
+    size = model_size(model)
+
+    class Edge(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        @tf.function(input_signature=[tf.TensorSpec([None, stored_size, stored_size, 1],
+                                                    tf.uint8, name="image")])
+        def serve(self, image):
+            pixels = preprocess.to_model_input(image, size)
+            probability = self.model(pixels, training=False)
+            return {"probability": tf.reshape(tf.cast(probability, tf.float32), [-1])}
+
+    return Edge()
+
+
+def convert(model, stored_size: int, variant: str,
+            representative: Iterable[np.ndarray] | None = None) -> bytes:
+    """One flatbuffer (bytes) of ``model`` with stage (b) inside.
+
+    Args:
+      model: a pneumo Keras model (uint8 [M, M, 1] input); bf16 models are copied to float32.
+      stored_size: S, the side of the images the flatbuffer takes.
+      variant: one of ``float32``, ``float16``, ``int8``.
+      representative: for ``int8``, uint8 ``[S, S, 1]`` images to calibrate on.
+    """
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
+
+    if variant not in VARIANTS:
+        raise ExportError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    module = edge_module(float32_copy(model), stored_size)
+    # Keras 3 weights stay resource variables unless frozen into constants here.
+    function = convert_variables_to_constants_v2(module.serve.get_concrete_function())
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([function], module)
+    if variant == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif variant == "int8":
+        images = [np.asarray(i, np.uint8).reshape(1, stored_size, stored_size, 1)
+                  for i in (representative if representative is not None else [])]
+        if not images:
+            raise ExportError("int8 needs calibration images")
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([i] for i in images)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    with _quiet_converter():
+        return converter.convert()
+
+
+@contextlib.contextmanager
+def _quiet_converter():
+    """The converter logs every MLIR pass at absl INFO; keep warnings only."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """What the int8 calibration read: the images and where they came from."""
+
+    images: np.ndarray              # uint8 [n, S, S, 1]
+    split: str
+    shard_files: tuple[str, ...]    # names inside data_dir
+    seed: int
+
+    def provenance(self) -> dict[str, Any]:
+        return {"split": self.split, "images": int(len(self.images)), "seed": self.seed,
+                "shard_files": list(self.shard_files),
+                "stream": "pneumo_data.train_dataset(augment='none', cache=False, "
+                          "deterministic=True): the rebalanced train stream, unaugmented"}
+
+
+def calibration_images(data_dir, stored_size: int, count: int = 300, seed: int = 0
+                       ) -> Calibration:
+    """``count`` images of the pipeline's train stream at the stored size (no augmentation).
+
+    Only the train split's shards are opened (``Calibration.shard_files``): the val and test
+    images never reach the quantizer.
+    """
+    from pneumo_data import manifest as manifest_lib
+    from pneumo_data.pipeline import train_dataset
+
+    if count < 1:
+        raise ExportError(f"calibration needs at least one image, got {count}")
+    m = manifest_lib.load_manifest(data_dir)
+    if m.image_size != stored_size:
+        raise ExportError(f"{data_dir} stores {m.image_size} px images, the model takes "
+                          f"{stored_size} px stored images")
+    names = tuple(e["file"] for label in m.classes for e in m.shard_entries("train", label))
+    batch = min(count, 64)
+    ds = train_dataset(data_dir, batch_size=batch, image_size=stored_size, augment="none",
+                       cache=False, seed=seed, deterministic=True)
+    images = [pixels.numpy() for pixels, _ in ds.take(-(-count // batch))]
+    return Calibration(np.concatenate(images)[:count], "train", names, seed)
+
+
+def export_litert(model, out_dir: str | os.PathLike, spec: preprocess.PreprocessSpec,
+                  variants: Iterable[str] = VARIANTS, *, data_dir=None, calibration: int = 300,
+                  seed: int = 0, out=None, model_sha256: str | None = None) -> dict[str, Path]:
+    """Writes ``<variant>.tflite`` files and ``litert.json`` as the folder ``out_dir``.
+
+    The folder is replaced whole (a partial folder, then renamed), so it holds exactly
+    ``variants``. ``data_dir`` (the prepared data the model was trained on) is required for
+    int8. ``out``: the job's OutputDir holding ``out_dir`` (see
+    :func:`pneumo_models.export.replacing_folder`).
+    """
+    variants = list(dict.fromkeys(variants))
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or not variants:
+        raise ExportError(f"LiteRT variants must be some of {VARIANTS}, got {variants}")
+    out_dir = Path(out_dir)
+    meta: dict[str, Any] = {
+        "format": "pneumo-litert", "format_version": 1, "model": model.name,
+        "model_sha256": model_sha256, "model_size": model_size(model),
+        "preprocess": spec.to_dict(),
+        "input": {"name": "image", "dtype": "uint8",
+                  "shape": [1, spec.stored_size, spec.stored_size, 1],
+                  "what": "the stored image: pneumo_data.preprocess.decode_stored(file, spec); "
+                          "batch dimension resizable"},
+        "output": {"name": "probability", "dtype": "float32", "shape": [1]},
+        "variants": {}, "versions": versions(),
+    }
+    calib = None
+    if "int8" in variants:
+        if data_dir is None:
+            raise ExportError("the int8 variant needs data_dir (calibration on the train split)")
+        calib = calibration_images(data_dir, spec.stored_size, calibration, seed)
+        meta["calibration"] = {"data_dir": str(data_dir), **calib.provenance()}
+    paths = {}
+    with replacing_folder(out_dir, out, LITERT_META) as tmp:
+        for variant in variants:
+            start = time.perf_counter()
+            flatbuffer = convert(model, spec.stored_size, variant,
+                                 calib.images if variant == "int8" else None)
+            (tmp / f"{variant}.tflite").write_bytes(flatbuffer)
+            paths[variant] = out_dir / f"{variant}.tflite"
+            meta["variants"][variant] = {"file": f"{variant}.tflite", "bytes": len(flatbuffer),
+                                         "convert_seconds": round(time.perf_counter() - start, 1)}
+            log.info("converted %s (%.2f MB)", paths[variant], len(flatbuffer) / 1e6)
+        files.write_json(tmp / LITERT_META, meta)
+    return paths
+
+
+def load_litert_meta(tflite: str | os.PathLike) -> dict[str, Any]:
+    """The ``litert.json`` beside a flatbuffer written by :func:`export_litert`."""
+    path = Path(tflite).parent / LITERT_META
+    if not path.exists():
+        raise UserError(f"{tflite}: no {LITERT_META} beside it, so its preprocessing settings "
+                        f"are unknown (write it with python -m pneumo_models.export --litert)")
+    return files.read_json(path, "LiteRT metadata")
+
+
+class LiteRTModel:
+    """Runs an exported flatbuffer with ``ai_edge_litert``'s interpreter.
+
+    Args:
+      path: a ``.tflite`` written by :func:`export_litert`.
+      num_threads: interpreter threads (None: LiteRT's default).
+    """
+
+    def __init__(self, path: str | os.PathLike, num_threads: int | None = None):
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:
+            raise UserError("running LiteRT models needs ai-edge-litert: "
+                            "pip install 'pneumo[edge]'") from None
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"LiteRT model {self.path} does not exist")
+        try:
+            self._interpreter = Interpreter(model_path=str(self.path), num_threads=num_threads)
+        except ValueError as error:
+            raise UserError(f"{self.path} is not a LiteRT flatbuffer ({error})") from None
+        self._input = self._interpreter.get_input_details()[0]
+        self._output = self._interpreter.get_output_details()[0]
+        shape = tuple(int(v) for v in self._input["shape"])
+        if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 1 \
+                or self._input["dtype"] != np.uint8:
+            raise UserError(f"{self.path} does not take uint8 [N, S, S, 1] images "
+                            f"(input {self._input['dtype'].__name__} {list(shape)}); it was "
+                            f"not written by pneumo_models.litert")
+        self.stored_size = shape[1]
+        self._batch = shape[0]
+        self._interpreter.allocate_tensors()
+
+    def ops(self) -> list[str]:
+        """The builtin op names in the flatbuffer."""
+        return sorted({d["op_name"] for d in self._interpreter._get_ops_details()})
+
+    def _resize(self, batch: int) -> None:
+        if batch != self._batch:
+            self._interpreter.resize_tensor_input(
+                self._input["index"], [batch, self.stored_size, self.stored_size, 1])
+            self._interpreter.allocate_tensors()
+            self._batch = batch
+
+    def predict(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """Probabilities float32 [N] for uint8 ``[N, S, S, 1]`` stored images."""
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.shape[1:] != (self.stored_size,
+                                                            self.stored_size, 1):
+            raise ValueError(f"expected uint8 [N, {self.stored_size}, {self.stored_size}, 1], "
+                             f"got {images.dtype} {images.shape}")
+        out = []
+        for start in range(0, len(images), batch_size):
+            chunk = np.ascontiguousarray(images[start:start + batch_size])
+            self._resize(len(chunk))
+            self._interpreter.set_tensor(self._input["index"], chunk)
+            self._interpreter.invoke()
+            out.append(np.array(self._interpreter.get_tensor(self._output["index"])).reshape(-1))
+        return np.concatenate(out) if out else np.zeros([0], np.float32)
