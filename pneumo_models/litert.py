@@ -145,14 +145,34 @@ def convert(model, stored_size: int, variant: str,
 
 @contextlib.contextmanager
 def _quiet_converter():
-    """The converter logs every MLIR pass at absl INFO; keep warnings only."""
+    """The converter logs every MLIR pass at absl INFO and its calibrator prints a
+    ``fully_quantize: ...`` line straight to the stderr file descriptor; keep warnings and
+    anything else."""
+    import sys
+    import tempfile
+
+    from pneumo_data.common.jobs import _is_noise
+
     logger = logging.getLogger("absl")
     level = logger.level
     logger.setLevel(max(level, logging.WARNING))
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            logger.setLevel(level)
+            capture.seek(0)
+            kept = [line for line in capture.read().decode(errors="replace").splitlines()
+                    if line.strip() and not line.startswith("fully_quantize:")
+                    and not _is_noise(line)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -67,3 +67,26 @@ def prepared(synthetic_source, tmp_path_factory) -> Path:
     prepare(PrepareConfig(source_dir=str(synthetic_source), output_dir=str(out),
                           image_size=64, progress=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(prepared, tmp_path_factory) -> Path:
+    """A tiny finished training run on ``prepared`` (32 px manual CNN, 2 steps). Do not
+    change it: take a :func:`copy_model_dir` of it."""
+    from pneumo_data.common.config import with_leaves
+    from pneumo_models.train import TrainConfig, train
+    out = tmp_path_factory.mktemp("trained") / "run"
+    train(with_leaves(TrainConfig(), data_dir=str(prepared), model_dir=str(out), image_size=32,
+                      batch_size=8, epochs=1, steps_per_epoch=2, precision="float32",
+                      early_stopping_patience=0))
+    return out
+
+
+def copy_model_dir(source: Path, tmp_path_factory) -> Path:
+    """A copy of a model_dir at the same depth under the test folder, so its run.json's
+    relative data_dir still points at the same prepared data."""
+    import shutil
+    target = tmp_path_factory.mktemp("copy") / source.name
+    shutil.copytree(source, target)
+    assert target.parent.parent == source.parent.parent
+    return target

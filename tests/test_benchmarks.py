@@ -84,3 +84,28 @@ def test_prepare_runners_smoke(tmp_path, tiny_source):
     assert len(images) == 1 and images.pop() > 0  # every writer wrote the same records
     assert all(r["img_per_s"] > 0 and len(r["seconds"]) == 1
                for r in payload["results"].values())
+
+
+def test_serving_and_parity_smoke(trained_model_dir, synthetic_source, tmp_path_factory,
+                                  tmp_path):
+    from pneumo_models.export import ExportConfig, export
+    from tests.conftest import copy_model_dir
+    model_dir = copy_model_dir(trained_model_dir, tmp_path_factory)
+    export(ExportConfig(model_dir=str(model_dir), litert=("float32", "int8"),
+                        calibration_images=16))
+    payload = run("benchmarks.serving", tmp_path, f"--model_dir={model_dir}", "--limit=24",
+                  "--latency_runs=3", "--warmup=1", "--batch_size=4", "--repeats=1")
+    results = payload["results"]
+    assert set(results) == {"Keras", "Keras float32", "SavedModel pixels", "SavedModel bytes",
+                            "LiteRT float32", "LiteRT int8"}
+    for route in ("Keras float32", "SavedModel pixels", "SavedModel bytes", "LiteRT float32"):
+        assert results[route]["max_abs_diff_vs_keras"] <= 1e-5, route
+    assert all(r["latency"]["p50_ms"] > 0 and r["throughput"]["images_per_s"] > 0
+               for r in results.values())
+    assert payload["litert"]["calibration"]["split"] == "train"
+    (tmp_path / "result.json").unlink()
+    payload = run("benchmarks.parity", tmp_path, f"--model_dir={model_dir}",
+                  f"--source_dir={synthetic_source / 'test'}", "--limit=12")
+    assert 0 < payload["files"] <= 12
+    assert payload["after"]["probability"]["max_abs_diff"] <= 1e-5
+    assert payload["after"]["stored_pixels"]["differ"] == 0

@@ -30,7 +30,8 @@ from pneumo_models.export import (
     load_serving_meta,
 )
 from pneumo_models.models import build_model, load_model
-from pneumo_models.train import TrainConfig, load_run_config, train
+from pneumo_models.train import load_run_config, train
+from tests.conftest import copy_model_dir
 
 ROOT = Path(__file__).parents[1]
 
@@ -136,12 +137,8 @@ def test_standalone_export_checks_threshold_and_foreign_folders(small_model, tmp
 # ------------------------------------------------------------------ the export job
 
 @pytest.fixture(scope="module")
-def model_dir(prepared, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "run"
-    train(with_leaves(TrainConfig(), data_dir=str(prepared), model_dir=str(out), image_size=32,
-                      batch_size=8, epochs=1, steps_per_epoch=2, precision="float32",
-                      early_stopping_patience=0))
-    return out
+def model_dir(trained_model_dir, tmp_path_factory):
+    return copy_model_dir(trained_model_dir, tmp_path_factory)
 
 
 def _report(path: Path, model_dir: Path, value: float, sha: str | None = None) -> Path:
@@ -226,12 +223,10 @@ def test_a_user_file_inside_the_saved_model_is_never_deleted(model_dir):
         extra.unlink()
 
 
-def test_old_layout_is_adopted_and_train_overwrite_keeps_user_files(model_dir, prepared,
+def test_old_layout_is_adopted_and_train_overwrite_keeps_user_files(trained_model_dir, prepared,
                                                                     tmp_path):
     out = tmp_path / "old"
-    shutil.copytree(model_dir, out)
-    for name in ("notes.txt", "export/mine.txt"):
-        (out / name).unlink(missing_ok=True)
+    shutil.copytree(trained_model_dir, out)
     model = load_model(out / "model.keras")
     with OutputDir(out, "train") as ledger:  # what training wrote before: export/ = SavedModel
         ledger.remove("export")
