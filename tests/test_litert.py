@@ -20,8 +20,6 @@ from pneumo_models import litert
 from pneumo_models.export import ExportError
 from pneumo_models.models import build_model
 
-pytest.importorskip("ai_edge_litert")
-
 
 def _hashes(array: np.ndarray) -> set[str]:
     return {hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for a in array}

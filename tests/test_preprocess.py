@@ -31,6 +31,10 @@ def xray_like(width: int, height: int, seed: int = 0) -> np.ndarray:
 
 
 _DECODE_TF = {}
+# Few distinct specs: each one traces the TF decoder anew (a few seconds).
+S64 = pp.PreprocessSpec(stored_size=64)
+S64_PAD = pp.PreprocessSpec(stored_size=64, resize="pad")
+S96_FULL = pp.PreprocessSpec(stored_size=96, fast_jpeg=False)
 
 
 def decode_tf(data: bytes, spec: pp.PreprocessSpec) -> np.ndarray:
@@ -101,16 +105,16 @@ def test_jpeg_parity_at_several_sizes_and_draft_scales(size, mode):
         image = Image.merge("RGB", (image, image.point(lambda v: v * 0.9),
                                     image.point(lambda v: 255 - v)))
     data = encode(image, "JPEG", quality=90)
-    for spec in (pp.PreprocessSpec(), pp.PreprocessSpec(stored_size=64),
-                 pp.PreprocessSpec(stored_size=150, fast_jpeg=False)):
+    for spec in (pp.PreprocessSpec(), S64, S96_FULL):
         assert_parity(data, spec)
 
 
 def test_draft_scales_1_2_4_8_are_all_exercised():
-    assert [pp.draft_scale(w, 1100, 64) for w in (130, 260, 520, 1100)] == [1, 2, 4, 8]
-    data = encode(Image.fromarray(xray_like(1100, 1100), "L"), "JPEG", quality=92)
-    for stored in (300, 200, 110, 64):
-        assert_parity(data, pp.PreprocessSpec(stored_size=stored))
+    sides = (130, 260, 520, 1100)
+    assert [pp.draft_scale(w, w, 64) for w in sides] == [1, 2, 4, 8]
+    for side in sides:
+        data = encode(Image.fromarray(xray_like(side, side), "L"), "JPEG", quality=92)
+        assert_parity(data, S64)
 
 
 def test_progressive_and_subsampled_jpegs():
@@ -122,9 +126,8 @@ def test_progressive_and_subsampled_jpegs():
 def test_cmyk_jpeg_parity():
     image = Image.fromarray(xray_like(300, 240), "L").convert("CMYK")
     data = encode(image, "JPEG", quality=95)
-    out = assert_parity(data, pp.PreprocessSpec(stored_size=128))
-    reference = pp.decode_stored(encode(image.convert("RGB"), "PNG"),
-                                 pp.PreprocessSpec(stored_size=128))
+    out = assert_parity(data, S64)
+    reference = pp.decode_stored(encode(image.convert("RGB"), "PNG"), S64)
     assert np.abs(out.astype(int) - reference).mean() < 3
 
 
@@ -142,8 +145,8 @@ def test_png_parity_for_every_mode(mode):
         image = Image.fromarray(pixels, "L").convert("RGB")
         image = image.convert(mode) if mode not in ("P",) else image.quantize(64)
         data = encode(image, "PNG")
-    assert_parity(data, pp.PreprocessSpec(stored_size=96))
-    assert_parity(data, pp.PreprocessSpec(stored_size=96, resize="pad"))
+    assert_parity(data, S64)
+    assert_parity(data, S64_PAD)
 
 
 def _rgb16_png(pixels: np.ndarray) -> bytes:
@@ -153,10 +156,10 @@ def _rgb16_png(pixels: np.ndarray) -> bytes:
 
 
 def test_16_bit_png_keeps_the_high_byte():
-    wide = np.full((10, 10), 65535, np.uint16)
-    wide[:5] = 256 * 40 + 255
+    wide = np.full((64, 64), 65535, np.uint16)
+    wide[:32] = 256 * 40 + 255
     data = encode(Image.fromarray(wide), "PNG")
-    out = assert_parity(data, pp.PreprocessSpec(stored_size=10))
+    out = assert_parity(data, S64)
     assert out[0, 0] == 40 and out[-1, -1] == 255
 
 
@@ -176,8 +179,7 @@ def test_exif_orientation_parity_and_pillow_semantics(orientation, fmt):
     assert opened.getexif().get(pp.ORIENTATION_TAG) == orientation
     want = np.asarray(ImageOps.exif_transpose(opened).convert("L"))
     np.testing.assert_array_equal(pp.orient(np.asarray(opened.convert("L")), orientation), want)
-    spec = pp.PreprocessSpec(stored_size=64, resize="pad")
-    out = assert_parity(data, spec)
+    out = assert_parity(data, S64_PAD)
     # Orientations 5-8 turn the landscape image portrait: padding moves to the sides.
     if orientation >= 5:
         assert out[:, :8].max() == 0 and out[:8, 32].min() > 0
@@ -195,7 +197,7 @@ def test_exif_in_a_second_app_segment_and_jfif_first():
     data = data[:2] + comment + data[2:]
     assert pp.exif_orientation(data) == 6
     assert int(pp.exif_orientation_tf(tf.constant(data))) == 6
-    assert_parity(data, pp.PreprocessSpec(stored_size=48))
+    assert_parity(data, S64)
 
 
 def test_files_without_exif_or_with_broken_exif_are_upright():
@@ -210,12 +212,12 @@ def test_files_without_exif_or_with_broken_exif_are_upright():
 @pytest.mark.parametrize("size", [(300, 120), (120, 300), (256, 256), (3, 500)])
 def test_pad_mode_parity(size):
     data = encode(Image.fromarray(xray_like(*size), "L"), "PNG")
-    out = assert_parity(data, pp.PreprocessSpec(stored_size=100, resize="pad"))
-    assert out.shape == (100, 100)
+    out = assert_parity(data, S64_PAD)
+    assert out.shape == (64, 64)
 
 
 def test_tf_path_refuses_what_it_cannot_decode():
-    spec = pp.PreprocessSpec(stored_size=32)
+    spec = S64
     dicom = b"\x00" * 128 + b"DICM" + b"\x00" * 64
     with pytest.raises(tf.errors.InvalidArgumentError, match="DICOM"):
         decode_tf(dicom, spec)
@@ -225,7 +227,7 @@ def test_tf_path_refuses_what_it_cannot_decode():
     with pytest.raises(tf.errors.InvalidArgumentError, match="empty"):
         decode_tf(b"", spec)
     big = encode(Image.fromarray(xray_like(200, 200), "L"), "PNG")
-    small_limit = pp.PreprocessSpec(stored_size=32, max_pixels=1000)
+    small_limit = pp.PreprocessSpec(stored_size=64, max_pixels=1000)
     with pytest.raises(tf.errors.InvalidArgumentError, match="too large"):
         decode_tf(big, small_limit)
     with pytest.raises(pp.DecodeError, match="too large"):
@@ -234,7 +236,7 @@ def test_tf_path_refuses_what_it_cannot_decode():
     with pytest.raises(tf.errors.InvalidArgumentError, match="too large"):
         decode_tf(jpeg, small_limit)
     # Pillow reads BMP; only the TF path refuses it.
-    assert pp.decode_stored(bmp, spec).shape == (32, 32)
+    assert pp.decode_stored(bmp, spec).shape == (64, 64)
 
 
 def test_spec_from_manifest_and_validation():
@@ -358,12 +360,11 @@ def test_real_xrays_pixels_and_probabilities_match(shared_data):
 
     files = _real_files(shared_data)
     spec = pp.PreprocessSpec()
-    pillow, graph = [], []
-    for path in files:
-        data = path.read_bytes()
-        pillow.append(pp.decode_stored(data, spec))
-        graph.append(decode_tf(data, spec))
-    pillow, graph = np.stack(pillow)[..., None], np.stack(graph)[..., None]
+    data = [path.read_bytes() for path in files]
+    pillow = np.stack([pp.decode_stored(d, spec) for d in data])[..., None]
+    graph = np.stack(list(tf.data.Dataset.from_tensor_slices(data).map(
+        lambda d: pp.decode_stored_tf(d, spec), num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True).as_numpy_iterator()))
     differing = (pillow != graph).any(axis=(1, 2, 3))
     assert not differing.any(), [str(files[i]) for i in np.flatnonzero(differing)[:5]]
     model = build_model("manual_cnn", image_size=150, weights="none", seed=0)
