@@ -1,9 +1,13 @@
 """The one definition of "file bytes -> model input", in two stages.
 
 Stage (a), :func:`decode_stored`: encoded file bytes -> the stored uint8 ``[S, S]``
-grayscale image (what ingest writes into the shards). Stage (b),
-:func:`to_model_input`: stored ``[..., S, S, 1]`` -> model input ``[..., M, M, 1]``
-(what the pipeline does on the fly, and every export does inside its graph).
+grayscale image (what ingest writes into the shards: :mod:`pneumo_data.decode`; what
+``pneumo_eval.predict`` makes of a file). Stage (b), :func:`to_model_input`: stored
+``[..., S, S, 1]`` -> model input ``[..., M, M, 1]`` (what the pipeline does on the fly,
+``predict`` does before the model, and every export of :mod:`pneumo_models.export` and
+:mod:`pneumo_models.litert` does inside its graph). :class:`PreprocessSpec` holds the settings
+of stage (a); prepare records them in the manifest (``preprocess``), the exports in their
+metadata.
 
 Stage (a) exists twice, because ingest and ``predict`` want Pillow (every format,
 no TensorFlow) and a SavedModel needs TensorFlow ops. The two agree by
@@ -27,7 +31,9 @@ construction, step by step:
 * Resize to S (``stretch`` or ``pad``). Pillow: ``resize(BILINEAR)`` one axis at a
   time, horizontal first (:func:`pil_bilinear_resize`). TF:
   :func:`pil_bilinear_resize_tf`, Pillow's algorithm (coefficients in float64, 22-bit
-  fixed point, the same pass order) in TF ops.
+  fixed point, the same pass order) in TF ops. (Pillow 13 runs the vertical pass first
+  when the height shrinks much more than the width, python-pillow/Pillow#9549; calling
+  one pass per axis keeps the stored pixels independent of the Pillow version.)
 
 Both decoders are libjpeg-turbo / libpng, so equal options give equal pixels;
 the resize is integer arithmetic once the coefficients are fixed, so equal
