@@ -30,3 +30,11 @@ else
     echo "skipping benchmarks.prepare --runners: $BEAM_PYTHON cannot import apache_beam" >&2
 fi
 python -m benchmarks.encoding --source_dir="$DATA/chest_xray_224"
+# Serving routes and train/serve skew need a trained, evaluated and exported model_dir
+# (README, "Serving and the edge"): MODEL_DIR=runs/cnn bash benchmarks/run_all.sh
+if [[ -n "${MODEL_DIR:-}" ]]; then
+    python -m benchmarks.serving --model_dir="$MODEL_DIR" --split=test
+    python -m benchmarks.parity --model_dir="$MODEL_DIR" --source_dir="$DATA/chest_xray_fullres"
+    python -m benchmarks.parity --model_dir="$MODEL_DIR" --source_dir="$DATA/chest_xray_224" \
+        --limit=1500
+fi

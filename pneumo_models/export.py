@@ -266,6 +266,8 @@ def export_into_model_dir(model_out: OutputDir, model, spec: preprocess.Preproce
     result: dict[str, Any] = {"threshold": threshold, "threshold_source": threshold_source,
                               "preprocess": spec.to_dict()}
     with OutputDir(folder, job="export") as out:
+        for name in (SAVED_MODEL_DIR, LITERT_DIR) if litert else (SAVED_MODEL_DIR,):
+            out.check_replaceable(name)  # both before either is written
         result["saved_model"] = str(export_saved_model(
             model, folder / SAVED_MODEL_DIR, spec, threshold, threshold_source, out=out,
             model_sha256=model_sha256))

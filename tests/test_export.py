@@ -215,10 +215,15 @@ def test_export_job_refuses_bad_inputs_and_touches_nothing(model_dir, tmp_path):
 def test_a_user_file_inside_the_saved_model_is_never_deleted(model_dir):
     extra = model_dir / "export" / "saved_model" / "README.txt"
     extra.write_text("mine")
+    stamp = (model_dir / "export" / "saved_model" / "saved_model.pb").stat().st_mtime_ns
     try:
         with pytest.raises(UserError, match="README.txt"):
-            export(ExportConfig(model_dir=str(model_dir)))
+            export(ExportConfig(model_dir=str(model_dir), litert=("float32",)))
         assert extra.read_text() == "mine"
+        # Checked before anything was written: no litert/, the SavedModel untouched.
+        assert not (model_dir / "export" / "litert").exists()
+        assert (model_dir / "export" / "saved_model" / "saved_model.pb").stat().st_mtime_ns \
+            == stamp
     finally:
         extra.unlink()
 

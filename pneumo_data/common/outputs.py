@@ -248,6 +248,20 @@ class OutputDir:
     def write_json(self, rel: str | os.PathLike, data: Any) -> Path:
         return files.write_json(self.claim(rel), data)
 
+    def check_replaceable(self, rel: str | os.PathLike) -> None:
+        """Raises OutputError unless :meth:`replacing_dir` may replace folder ``rel`` (for jobs
+        that write several folders and check them all before writing any)."""
+        self._require_open()
+        rel = self._rel(rel)
+        target = self.path / rel
+        if not self.owns(rel) and (target.exists() or target.is_symlink()):
+            raise OutputError(f"{target} exists and was not written by pneumo's {self.job} job; "
+                              f"not replacing it. Move it away or choose another folder")
+        foreign = self._foreign_inside(rel)
+        if foreign:
+            raise OutputError(f"{target} holds files pneumo did not write ({_shown(foreign)}); "
+                              f"not replacing it. Move them away first")
+
     @contextlib.contextmanager
     def replacing_dir(self, rel: str | os.PathLike) -> Iterator[Path]:
         """Claims folder ``rel``, yields an empty partial folder, swaps it in and seals it.
@@ -256,11 +270,8 @@ class OutputDir:
         pneumo did not write.
         """
         rel = self._rel(rel)
+        self.check_replaceable(rel)
         target = self.claim(rel, "dir")
-        foreign = self._foreign_inside(rel)
-        if foreign:
-            raise OutputError(f"{target} holds files pneumo did not write ({_shown(foreign)}); "
-                              f"not replacing it. Move them away first")
         with files.replacing_dir(target) as tmp:
             yield tmp
         self.seal(rel)
