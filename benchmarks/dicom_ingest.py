@@ -120,9 +120,9 @@ def decode_rates(folder: Path, images: int, image_size: int, threads: tuple[int,
 def stage_ms(path: Path, image_size: int, repeats: int = 5) -> dict[str, float]:
     """Milliseconds per stage for one DICOM file, one thread (median of ``repeats``)."""
     import pydicom
-    from PIL import Image
 
-    from pneumo_data import decode, dicom
+    from pneumo_data import dicom, preprocess
+    spec = preprocess.PreprocessSpec(stored_size=image_size)
     stages: dict[str, list[float]] = {}
 
     def timed(name, fn):
@@ -137,6 +137,5 @@ def stage_ms(path: Path, image_size: int, repeats: int = 5) -> dict[str, float]:
         pixels = timed("pixel_array", lambda d=ds: d.pixel_array)
         gray = timed("modality+VOI to uint8",
                      lambda p=pixels, d=ds: dicom._monochrome_to_uint8(p, d)[0])
-        timed("resize", lambda g=gray: decode._resize(Image.fromarray(g, "L"), image_size,
-                                                      "stretch"))
+        timed("resize", lambda g=gray: preprocess.resize_stored(g, spec))
     return {k: statistics.median(v) for k, v in stages.items()}

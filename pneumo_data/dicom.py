@@ -28,7 +28,8 @@ Grey levels, in this order (DICOM PS3.3 C.11, "grayscale pipeline"):
 
 4. **MONOCHROME1** (0 = white) is inverted (``255 - v``) so that bone is always bright.
 5. Rounded to the nearest integer, clipped to 0..255, then resized exactly like other images
-   (:func:`pneumo_data.decode._resize`: ``stretch`` or ``pad``, Pillow bilinear with antialiasing)
+   (:func:`pneumo_data.preprocess.resize_stored`: ``stretch`` or ``pad``, Pillow bilinear with
+   antialiasing, one axis at a time), the same step a SavedModel's ``serve_pixels`` runs
    at full resolution, after windowing (as a viewer would show it).
 
 Steps 2, 3 and the rounding are computed once, in float64, over every possible stored value (256
@@ -61,7 +62,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pneumo_data import decode
+from pneumo_data import decode, preprocess
 from pneumo_data.decode import DecodeError
 
 __all__ = ["DicomDecodeError", "DicomInfo", "decode_dicom", "dicom_to_uint8", "read_dicom_info",
@@ -464,8 +465,8 @@ def decode_dicom(data: bytes, size: int, resize: str = "stretch",
         raise ValueError(f"resize must be one of {decode.RESIZE_MODES}, got {resize!r}")
     ds = _read(data, header_only=False)
     gray, info = dicom_to_uint8(ds, max_pixels)
-    image = decode._resize(Image.fromarray(gray, "L"), size, resize)
-    return np.asarray(image, dtype=np.uint8), info
+    spec = preprocess.PreprocessSpec(stored_size=size, resize=resize, max_pixels=max_pixels)
+    return preprocess.resize_stored(gray, spec), info
 
 
 def decode_any(data: bytes, size: int, resize: str = "stretch",

@@ -307,6 +307,13 @@ def pil_bilinear_resize(gray: np.ndarray, height: int, width: int) -> np.ndarray
     return np.asarray(image, np.uint8)
 
 
+def resize_stored(gray: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """The last step of stage (a) with Pillow: uint8 ``[H, W]`` -> ``[S, S]`` (``stretch`` or
+    ``pad``), exactly :func:`resize_stored_tf`. DICOM ingest resizes its windowed image with it,
+    so a windowed image sent to a SavedModel's ``serve_pixels`` gets the same pixels."""
+    return _pil_resize(np.asarray(gray, np.uint8), spec.stored_size, spec.resize)
+
+
 def _pil_resize(gray: np.ndarray, size: int, mode: str) -> np.ndarray:
     if mode == "stretch":
         return pil_bilinear_resize(gray, size, size)

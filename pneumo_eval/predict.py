@@ -8,14 +8,15 @@ r"""Prediction job: probability and decision for image files, one CSV row each.
 
 ``--model`` is a ``.keras`` file, a SavedModel folder written by
 :mod:`pneumo_models.export` or a ``.tflite`` file written by :mod:`pneumo_models.litert`
-(default: ``MODEL_DIR/model.keras``). Every file is decoded by stage (a) of
-:mod:`pneumo_data.preprocess` (Pillow: any JPEG/PNG/BMP/TIFF/GIF/WebP, EXIF orientation,
-16-bit, CMYK) with the settings the model's training images were stored with: for a Keras
-model those of its data manifest (``run.json`` of ``--model_dir``, or of the folder holding the
-``.keras`` file; ``--stored_size``/``--resize`` override), for an export the ones it recorded
-(``serving.json``, ``litert.json``). Stage (b), the resize to the model's input, is the
-pipeline's own (inside the SavedModel and the flatbuffer). So each route sees exactly the
-pixels the evaluated model saw.
+(default: ``MODEL_DIR/model.keras``). Every file is decoded as ingest decodes it: stage (a)
+of :mod:`pneumo_data.preprocess` (Pillow: any JPEG/PNG/BMP/TIFF/GIF/WebP, EXIF orientation,
+16-bit, CMYK), DICOM (recognised by content) by :mod:`pneumo_data.dicom` (pydicom, grey-level
+windowing, then the same resize), with the settings the model's training images were stored
+with: for a Keras model those of its data manifest (``run.json`` of ``--model_dir``, or of
+the folder holding the ``.keras`` file; ``--stored_size``/``--resize`` override), for an
+export the ones it recorded (``serving.json``, ``litert.json``). Stage (b), the resize to the
+model's input, is the pipeline's own (inside the SavedModel and the flatbuffer). So each
+route sees exactly the pixels the evaluated model saw.
 
 The threshold: ``--threshold_from`` (an evaluation's report.json), else ``--threshold``, else
 the one a SavedModel was exported with, else 0.5. A file that cannot be read gets a row with
@@ -41,7 +42,8 @@ from pneumo_data.common.errors import UserError
 from pneumo_data.common.files import read_json, replacing
 
 log = logging.getLogger("pneumo.predict")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm",
+                  ".dicom"}
 COLUMNS = ("path", "probability", "decision", "threshold", "error")
 
 
@@ -214,7 +216,8 @@ def _load(config: PredictConfig, path: Path, kind: str) -> Scorer:
 
 
 def predict(config: PredictConfig) -> Path:
-    from pneumo_data.preprocess import RESIZE_MODES, DecodeError, decode_stored
+    from pneumo_data.dicom import decode_any
+    from pneumo_data.preprocess import RESIZE_MODES, DecodeError
     from pneumo_eval.metrics import check_threshold
 
     if not config.input:
@@ -259,7 +262,9 @@ def predict(config: PredictConfig) -> Path:
                "error": ""}
         rows.append(row)
         try:
-            batch.append(decode_stored(file.read_bytes(), spec))
+            pixels, _ = decode_any(file.read_bytes(), spec.stored_size, spec.resize,
+                                   spec.max_pixels, spec.fast_jpeg)
+            batch.append(pixels)
             owners.append(row)
         except (DecodeError, OSError) as error:
             row["error"] = str(error)

@@ -24,6 +24,7 @@ from pneumo_data.dicom import (  # noqa: E402
     is_dicom,
     read_dicom_info,
 )
+from pneumo_data.preprocess import PreprocessSpec, resize_stored  # noqa: E402
 from tests.dicom_files import (  # noqa: E402
     gradient,
     jpeg_baseline_dataset,
@@ -215,8 +216,8 @@ def test_resize_reuses_the_image_decoder_resize():
     full, _ = dicom_to_uint8(reread(ds))
     for mode in decode.RESIZE_MODES:
         out, _ = decode_dicom(to_bytes(ds), 24, mode)
-        expected = decode._resize(Image.fromarray(full, "L"), 24, mode)
-        np.testing.assert_array_equal(out, np.asarray(expected))
+        expected = resize_stored(full, PreprocessSpec(stored_size=24, resize=mode))
+        np.testing.assert_array_equal(out, expected)
         assert out.shape == (24, 24)
 
 

@@ -274,3 +274,26 @@ def test_predict_refuses_unknown_model_kinds(tmp_path):
             predict(PredictConfig(model=str(model), input=str(image),
                                   output=str(tmp_path / "p.csv")))
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_dicom_through_serve_pixels_and_predict_equals_ingest(small_model, exported, tmp_path):
+    """DICOM: decoded and windowed outside the graph, then serve_pixels, gives the ingest route's
+    probability; predict reads DICOM files the same way."""
+    from pneumo_data import dicom
+    from tests.dicom_files import gradient, make_dataset, to_bytes
+
+    path, spec, loaded = exported
+    data = to_bytes(make_dataset(gradient((150, 110), 0, 4095), bits_stored=12,
+                                 WindowCenter=1800, WindowWidth=2600))
+    stored, _ = dicom.decode_dicom(data, spec.stored_size, spec.resize)  # what ingest stores
+    want = small_model.predict(pp.to_model_input(stored[None, ..., None], 40), verbose=0)[0, 0]
+    import pydicom  # what a client does before calling serve_pixels
+    windowed, _ = dicom.dicom_to_uint8(pydicom.dcmread(io.BytesIO(data)))
+    got = loaded.signatures["serve_pixels"](pixels=tf.constant(windowed[None, ..., None]))
+    assert float(got["probability"][0]) == pytest.approx(float(want), abs=1e-6)
+    (tmp_path / "x.dcm").write_bytes(data)
+    out = predict(PredictConfig(model=str(path), input=str(tmp_path / "x.dcm"),
+                                output=str(tmp_path / "p.csv")))
+    (row,) = csv.DictReader(open(out))
+    assert row["error"] == "" and float(row["probability"]) == pytest.approx(float(want),
+                                                                             abs=1e-5)
