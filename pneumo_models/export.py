@@ -133,7 +133,7 @@ def serving_module(model, spec: preprocess.PreprocessSpec, threshold: float):
 
 
 @contextlib.contextmanager
-def _quiet_saving():
+def quiet_saving():
     """``tf.saved_model.save`` turns absl's log level to INFO and logs its sharding and
     fingerprint steps; keep those out of the job's output (warnings still pass)."""
     absl_logger = logging.getLogger("absl")
@@ -218,7 +218,7 @@ def export_saved_model(model, export_dir: str | os.PathLike,
         },
         "versions": versions(),
     }
-    with replacing_folder(export_dir, out, f"{META_DIR}/{SERVING_META}") as tmp, _quiet_saving():
+    with replacing_folder(export_dir, out, f"{META_DIR}/{SERVING_META}") as tmp, quiet_saving():
         tf.saved_model.save(module, str(tmp), signatures={
             "serving_default": module.serve_bytes, "serve_pixels": module.serve_pixels})
         files.write_json(tmp / META_DIR / SERVING_META, meta)

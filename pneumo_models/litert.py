@@ -47,7 +47,14 @@ import numpy as np
 from pneumo_data import preprocess
 from pneumo_data.common import files
 from pneumo_data.common.errors import UserError
-from pneumo_models.export import VARIANTS, ExportError, model_size, replacing_folder, versions
+from pneumo_models.export import (
+    VARIANTS,
+    ExportError,
+    model_size,
+    quiet_saving,
+    replacing_folder,
+    versions,
+)
 
 log = logging.getLogger("pneumo.litert")
 LITERT_META = "litert.json"
@@ -145,20 +152,17 @@ def convert(model, stored_size: int, variant: str,
 
 @contextlib.contextmanager
 def _quiet_converter():
-    """The converter logs every MLIR pass at absl INFO and its calibrator prints a
-    ``fully_quantize: ...`` line straight to the stderr file descriptor; keep warnings and
+    """The converter saves a temporary SavedModel (absl INFO lines) and its calibrator prints
+    a ``fully_quantize: ...`` line straight to the stderr file descriptor; keep warnings and
     anything else."""
     import sys
     import tempfile
 
     from pneumo_data.common.jobs import _is_noise
 
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(max(level, logging.WARNING))
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as capture:
+    with tempfile.TemporaryFile(mode="w+b") as capture, quiet_saving():
         os.dup2(capture.fileno(), 2)
         try:
             yield
@@ -166,7 +170,6 @@ def _quiet_converter():
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
-            logger.setLevel(level)
             capture.seek(0)
             kept = [line for line in capture.read().decode(errors="replace").splitlines()
                     if line.strip() and not line.startswith("fully_quantize:")
