@@ -9,8 +9,8 @@ Routes, all in this process, all fed the split's *stored* images (uint8 [S, S, 1
 prepared data holds them) except ``SavedModel bytes``, which gets the original files' bytes
 (read from the manifest's source folder):
 
-* ``Keras``: ``model.keras`` as trained (its own precision), stage (b) in front, in one
-  ``tf.function``.
+* ``Keras``: ``model.keras`` as trained (its own precision), stage (b) in front, run as
+  ``pneumo_eval.evaluate`` and ``predict`` run it (:func:`pneumo_models.models.predictor`).
 * ``Keras float32``: the same weights in float32 (what the LiteRT files are converted from;
   the same as ``Keras`` for a float32 model).
 * ``SavedModel pixels`` / ``SavedModel bytes``: ``MODEL_DIR/export/saved_model``'s
@@ -93,7 +93,7 @@ def main(argv):
         load_serving_meta,
         model_size,
     )
-    from pneumo_models.models import load_model
+    from pneumo_models.models import load_model, predictor
     from pneumo_models.train import run_data_dir
 
     model_dir = Path(FLAGS.model_dir)
@@ -122,9 +122,8 @@ def main(argv):
     file_bytes = [(source_dir / s).read_bytes() for s in sources]
 
     def keras_route(net):
-        fn = tf.function(lambda x: tf.reshape(net(preprocess.to_model_input(x, size),
-                                                  training=False), [-1]))
-        return lambda x: fn(tf.constant(x)).numpy()
+        score = predictor(net)  # graph execution, as evaluate and predict run it
+        return lambda x: score(preprocess.to_model_input(x, size))
 
     loaded = tf.saved_model.load(str(saved_model))
     pixels_sig = loaded.signatures["serve_pixels"]

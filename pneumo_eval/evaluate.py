@@ -83,12 +83,14 @@ class Predictions:
 
 def predict_split(model, data_dir, split: str, batch_size: int) -> Predictions:
     import pneumo_data
+    from pneumo_models.models import predictor
     size = int(model.inputs[0].shape[1])
     ds = pneumo_data.eval_dataset(data_dir, split, batch_size=batch_size, image_size=size,
                                   with_metadata=True)
+    score = predictor(model)  # graph execution, as the exports run it
     labels, scores, patients, subtypes, paths = [], [], [], [], []
     for images, y, meta in ds:
-        scores.append(np.asarray(model(images, training=False), np.float64)[:, 0])
+        scores.append(score(images))
         labels.append(y.numpy()[:, 0].astype(np.int64))
         patients += [p.decode() for p in meta["patient_id"].numpy()]
         subtypes += [p.decode() for p in meta["subtype"].numpy()]

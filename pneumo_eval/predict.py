@@ -185,13 +185,12 @@ def _load(config: PredictConfig, path: Path, kind: str) -> Scorer:
                            "records its own preprocessing settings")
     if kind == "keras":
         from pneumo_models.export import model_size
-        from pneumo_models.models import load_model
+        from pneumo_models.models import load_model, predictor
 
         spec, source = _keras_spec(config, path)
         model = load_model(path)
-        size = model_size(model)
-        return Scorer(kind, path, spec, source, lambda x: np.asarray(
-            model(to_model_input(x, size), training=False), np.float64)[:, 0])
+        size, score = model_size(model), predictor(model)
+        return Scorer(kind, path, spec, source, lambda x: score(to_model_input(x, size)))
     if kind == "savedmodel":
         import tensorflow as tf
 
