@@ -117,3 +117,40 @@ def gradcam_png(images, heatmaps, captions, path, title: str = "") -> Path:
         ax.axis("off")
     fig.suptitle(title or "Grad-CAM", fontsize=9)
     return _save(fig, path)
+
+
+def robustness_png(report: dict, path, title: str = "") -> Path:
+    """AUC, sensitivity and specificity (at the report's threshold) per shift and severity,
+    as three heat maps side by side with the clean value in the first column."""
+    plt = _plt()
+    conditions = report["conditions"]
+    shifts = list(dict.fromkeys(c["shift"] for c in conditions))
+    severities = sorted({c["severity"] for c in conditions})
+    keys = (("roc_auc", "ROC AUC"), ("sensitivity", "sensitivity"),
+            ("specificity", "specificity"))
+    fig, axes = plt.subplots(1, 3, figsize=(11, 0.42 * len(shifts) + 1.8), sharey=True)
+    for ax, (key, label) in zip(axes, keys):
+        grid = np.full((len(shifts), 1 + len(severities)), np.nan)
+        clean = report["clean"].get(key)
+        grid[:, 0] = np.nan if clean is None else clean
+        for c in conditions:
+            if c[key] is not None:
+                grid[shifts.index(c["shift"]), 1 + severities.index(c["severity"])] = c[key]
+        low = 0.5 if key == "roc_auc" else 0.0
+        ax.imshow(np.ma.masked_invalid(grid), cmap="RdYlGn", vmin=low, vmax=1.0, aspect="auto")
+        for (i, j), v in np.ndenumerate(grid):
+            ax.text(j, i, "n/a" if np.isnan(v) else f"{v:.2f}", ha="center", va="center",
+                    fontsize=7)
+        ax.set_xticks(range(1 + len(severities)), ["clean"] + [str(s) for s in severities])
+        ax.set_xlabel("severity")
+        ax.set_title(label if key == "roc_auc" else
+                     f"{label} at t={report['threshold']['value']:.3f}", fontsize=9)
+    axes[0].set_yticks(range(len(shifts)), shifts, fontsize=8)
+    h = report["headline"]
+    worst = h.get("worst_specificity") or {}
+    fig.suptitle(title or (
+        f"{report['model']['name']} on {report['data']['split']}: mean AUC over shifts "
+        f"{h['mean_auc']:.3f}" if h.get("mean_auc") is not None else "mean AUC undefined")
+        + (f", worst specificity {worst['value']:.2f} ({worst['shift']} {worst['severity']})"
+           if worst else ""), fontsize=9)
+    return _save(fig, path)
