@@ -87,7 +87,11 @@ def visualize(config: VisualizeConfig) -> Path:
     params = config.augmentation
     title = (f"{Path(path).name}: rotation ±{params.rotation_deg}°, shear ±{params.shear_deg}°, "
              f"shift ±{params.width_shift:.0%}/±{params.height_shift:.0%}, "
-             f"zoom ±{params.zoom:.0%}, flip={params.horizontal_flip}")
+             f"zoom ±{params.zoom:.0%}, flip={params.horizontal_flip}"
+             + ("" if params.intensity_is_identity else
+                f"\ngamma ±{params.gamma}, contrast ±{params.contrast}, brightness "
+                f"±{params.brightness_levels:g} levels, blur σ≤{params.blur_sigma:g}·side "
+                f"(p {params.blur_probability:g}), noise σ≤{params.noise_levels:g} levels"))
     out = write_grid(augmented_grid(pixels, params, config.seed), output, title)
     print(f"wrote {out}")
     return out

@@ -1,9 +1,21 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from pneumo_data.augment import RandomAffine, augment_batch, sample_transforms, warp
-from pneumo_data.config import AugmentConfig
+from pneumo_data.augment import (
+    N_AFFINE,
+    RandomAffine,
+    apply_intensity,
+    augment_batch,
+    sample_draws,
+    sample_transforms,
+    warp,
+)
+from pneumo_data.config import INTENSITY_FIELDS, AugmentConfig
+
+INTENSITY_OFF = dict.fromkeys(INTENSITY_FIELDS, 0.0)
 
 
 def batch(n=8, h=24, w=32, seed=0):
@@ -15,6 +27,9 @@ def test_all_ranges_zero_is_exactly_the_identity():
     layer = RandomAffine(0, 0, 0, 0, 0, False)
     np.testing.assert_array_equal(layer(x, training=True).numpy(), x.numpy().astype(np.float32))
     np.testing.assert_array_equal(augment_batch(x, AugmentConfig.off(), tf.constant([1, 2])), x)
+    every_zero = RandomAffine.from_params(AugmentConfig.off(), seed=1)
+    np.testing.assert_array_equal(every_zero(x, training=True).numpy(),
+                                  x.numpy().astype(np.float32))
     # The zero-range matrix is the identity in the warp itself, not only a shortcut.
     t = sample_transforms(8, 24, 32, AugmentConfig.off(), tf.constant([3, 4]))
     for backend in ("kernel", "gather"):
@@ -76,7 +91,7 @@ def test_host_and_device_agree_in_distribution():
     x = np.zeros((1, 48, 48, 1), np.uint8)
     x[0, 16:24, 30:38] = 255
     x = tf.constant(np.repeat(x, 400, axis=0))
-    layer = RandomAffine(seed=3)
+    layer = RandomAffine.from_params(AugmentConfig(), seed=3)  # affine and intensity
 
     def centroids(images):
         images = np.asarray(images, np.float64)[..., 0]
@@ -162,3 +177,182 @@ def test_visualize_writes_a_grid_and_never_replaces_a_users_file(tmp_path):
     visualize(VisualizeConfig(image=str(image), output=str(out), image_size=32, seed=1))
     with pytest.raises(UserError, match="not written by this job"):
         visualize(VisualizeConfig(image=str(image), output=str(image), image_size=32))
+
+
+# ---------------------------------------------------------------- intensity transforms
+
+def smooth_batch(n=16, h=40, w=48, seed=0):
+    """Images with structure (a gradient, a disc) and some texture, values 20..230."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:h, 0:w]
+    base = 40 + 150 * xs / w + 40 * (((ys - h / 2) ** 2 + (xs - w / 3) ** 2) < (h / 4) ** 2)
+    images = base[None] + rng.normal(0, 5, (n, h, w))
+    return tf.constant(np.clip(np.round(images), 0, 255)[..., None].astype(np.uint8))
+
+
+def only(**intensity):
+    """Affine off, the given intensity transforms on."""
+    return AugmentConfig(0, 0, 0, 0, 0, False, **{**INTENSITY_OFF, **intensity})
+
+
+ONE_AT_A_TIME = [dict(gamma=0.5), dict(contrast=0.4), dict(brightness_levels=25.0),
+                 dict(blur_sigma=0.03, blur_probability=1.0), dict(noise_levels=6.0)]
+
+
+@pytest.mark.parametrize("kwargs", ONE_AT_A_TIME)
+def test_each_intensity_transform_gives_each_image_its_own_draw(kwargs):
+    x = tf.constant(np.repeat(smooth_batch(1).numpy(), 16, axis=0))
+    out = RandomAffine.from_params(only(**kwargs), seed=2)(x, training=True).numpy()
+    # (a blur of sigma near 0 leaves an image as it was, so two such draws may coincide)
+    assert len({o.tobytes() for o in out}) >= (14 if "blur_sigma" in kwargs else 16)
+    assert out.min() >= 0 and out.max() <= 255
+    host = augment_batch(x, only(**kwargs), tf.constant([5, 6])).numpy()
+    assert len({o.tobytes() for o in host}) > 8 and host.dtype == np.uint8
+
+
+@pytest.mark.parametrize("kwargs", ONE_AT_A_TIME)
+def test_a_zero_factor_is_the_identity(kwargs):
+    x = smooth_batch()
+    name = next(iter(kwargs))
+    zero = only(**{**kwargs, name: 0.0})
+    assert zero.intensity_is_identity
+    np.testing.assert_array_equal(RandomAffine.from_params(zero, seed=1)(x, training=True),
+                                  x.numpy().astype(np.float32))
+    # The transform's own arithmetic at its identity draw changes nothing either (not only
+    # the shortcut): gamma 1, contrast 1, offset 0, sigma 0, noise std 0.
+    draws = sample_draws(16, only(**kwargs), tf.constant([1, 2])).numpy()
+    draws[:, N_AFFINE:N_AFFINE + 5] = [1.0, 1.0, 0.0, 0.0, 0.0]
+    out = apply_intensity(tf.cast(x, tf.float32), tf.constant(draws), only(**kwargs)).numpy()
+    np.testing.assert_allclose(out, x.numpy(), atol=2e-4)
+
+
+def test_intensity_units():
+    x = smooth_batch(64)
+    f = x.numpy().astype(np.float64)
+    seed = tf.constant([3, 4])
+    # brightness: one offset per image, within U(-b, b) grey levels (where nothing clips)
+    out = RandomAffine.from_params(only(brightness_levels=25.0), seed=1)(x, training=True).numpy()
+    offsets = (out - f).reshape(64, -1)
+    inside = (f.reshape(64, -1) > 30) & (f.reshape(64, -1) < 225)
+    per_image = np.array([np.median(o[m]) for o, m in zip(offsets, inside)])
+    assert all(np.ptp(o[m]) < 1e-3 for o, m in zip(offsets, inside))
+    assert np.abs(per_image).max() <= 25 and np.abs(per_image).max() > 15
+    # contrast: the standard deviation scales by c in [1/1.4, 1.4], the mean stays
+    out = augment_float_only(x, only(contrast=0.4), seed)
+    ratio = out.std(axis=(1, 2, 3)) / f.std(axis=(1, 2, 3))
+    assert 1 / 1.4 - 0.02 < ratio.min() and ratio.max() < 1.4 + 0.02 and ratio.max() > 1.2
+    np.testing.assert_allclose(out.mean(axis=(1, 2, 3)), f.mean(axis=(1, 2, 3)), atol=1.0)
+    # gamma: 255 (x/255)^g, g in [1/1.5, 1.5], one g per image
+    out = augment_float_only(x, only(gamma=0.5), seed)
+    level = f[:, 0, -1, 0]  # a bright pixel of each image
+    g = np.log(out[:, 0, -1, 0] / 255) / np.log(level / 255)
+    assert (g > 1 / 1.5 - 0.01).all() and (g < 1.5 + 0.01).all() and np.ptp(g) > 0.3
+    expected = 255 * (f / 255) ** g[:, None, None, None]
+    np.testing.assert_allclose(out, expected, atol=0.05)
+    # noise: std drawn per image from U(0, n) grey levels
+    flat = tf.constant(np.full((200, 32, 32, 1), 128, np.uint8))
+    out = augment_float_only(flat, only(noise_levels=6.0), seed)
+    stds = (out - 128).std(axis=(1, 2, 3))
+    assert stds.max() < 6.5 and stds.min() < 1 and 2.5 < stds.mean() < 3.5
+    # blur: with probability p, a Gaussian of sigma U(0, s) x side; it smooths and keeps the mean
+    params = only(blur_sigma=0.05, blur_probability=0.5)
+    out = augment_float_only(x, params, seed)
+    sigma = sample_draws(64, params, seed).numpy()[:, N_AFFINE + 3]
+    assert sigma.max() <= 0.05
+    changed = sigma > 0.01  # over 0.4 px: visibly blurred
+    assert 16 < (sigma > 0).sum() < 48 and changed.sum() > 8
+    rough = np.abs(np.diff(f, axis=2)).mean(axis=(1, 2, 3))
+    smooth = np.abs(np.diff(out, axis=2)).mean(axis=(1, 2, 3))
+    assert (smooth[changed] < rough[changed]).all()
+    np.testing.assert_array_equal(out[sigma == 0], f[sigma == 0])  # not blurred: exact
+
+
+def augment_float_only(x, params, seed):
+    draws = sample_draws(tf.shape(x)[0], params, seed)
+    return apply_intensity(tf.cast(x, tf.float32), draws, params).numpy().astype(np.float64)
+
+
+def test_blur_matches_a_direct_convolution():
+    from scipy.ndimage import gaussian_filter1d
+    x = smooth_batch(4)
+    params = only(blur_sigma=0.05, blur_probability=1.0)
+    draws = sample_draws(4, params, tf.constant([0, 1]))
+    out = apply_intensity(tf.cast(x, tf.float32), draws, params).numpy()
+    sigma_px = draws.numpy()[:, N_AFFINE + 3] * 40
+    for image, result, sigma in zip(x.numpy().astype(np.float64), out, sigma_px):
+        radius = int(np.ceil(3 * 0.05 * 40))
+        expected = gaussian_filter1d(image[..., 0], sigma, axis=0, mode="reflect",
+                                     truncate=radius / sigma)
+        expected = gaussian_filter1d(expected, sigma, axis=1, mode="reflect",
+                                     truncate=radius / sigma)
+        np.testing.assert_allclose(result[..., 0], np.clip(expected, 0, 255), atol=0.02)
+
+
+def test_affine_draws_are_unchanged_by_the_intensity_columns():
+    """A seeded run of the affine-only layer draws what it drew before intensity existed."""
+    seed = tf.constant([11, 12])
+    with_intensity = sample_draws(8, AugmentConfig(), seed).numpy()
+    without = sample_draws(8, AugmentConfig().without_intensity(), seed).numpy()
+    np.testing.assert_array_equal(with_intensity[:, :N_AFFINE], without[:, :N_AFFINE])
+    assert with_intensity.shape == (8, 13)
+    # the seed recipe's layer: columns 7+ are the identity draws
+    seed_draws = sample_draws(8, AugmentConfig.seed_recipe(), seed).numpy()
+    np.testing.assert_array_equal(seed_draws[:, N_AFFINE:N_AFFINE + 5],
+                                  np.tile([1.0, 1.0, 0.0, 0.0, 0.0], (8, 1)))
+
+
+def test_fused_layer_with_intensity_compiles_with_xla_on_the_gather_backend():
+    x = smooth_batch(8)
+    layer = RandomAffine.from_params(AugmentConfig(blur_probability=1.0), backend="gather",
+                                     seed=3)
+    xla = tf.function(lambda images: layer(images, training=True), jit_compile=True)
+    out = xla(x).numpy()
+    assert out.shape == x.shape and np.isfinite(out).all()
+    assert out.min() >= 0 and out.max() <= 255 and not np.allclose(out, x.numpy())
+    # The same draws through the kernel back end (no XLA) give the same images (noise off:
+    # XLA's stateless normal draws other numbers than the CPU kernel from the same seed).
+    params = dataclasses.replace(layer.params, noise_levels=0.0)
+    draws = sample_draws(8, params, tf.constant([4, 4]))
+    from pneumo_data.augment import augment_float
+    gather = tf.function(lambda i: augment_float(i, draws, params, "gather"),
+                         jit_compile=True)(tf.cast(x, tf.float32)).numpy()
+    kernel = augment_float(tf.cast(x, tf.float32), draws, params, "kernel").numpy()
+    np.testing.assert_allclose(gather, kernel, atol=0.05)
+
+
+def test_ragged_batches_get_intensity_too():
+    small = np.full((10, 12, 1), 100, np.uint8)
+    tall = np.full((20, 8, 1), 100, np.uint8)
+    ragged = tf.ragged.stack([tf.constant(small), tf.constant(tall)])
+    out = RandomAffine.from_params(only(brightness_levels=50.0, noise_levels=4.0,
+                                        blur_sigma=0.05, blur_probability=1.0),
+                                   seed=3)(ragged, training=True)
+    for image, source in zip(out, (small, tall)):
+        image = image.to_tensor().numpy() if isinstance(image, tf.RaggedTensor) \
+            else image.numpy()
+        assert image.shape == source.shape and not np.array_equal(image, source)
+
+
+def test_intensity_layer_saves_loads_and_continues_its_draws(tmp_path):
+    import keras
+    x = smooth_batch(4)
+    model = keras.Sequential([keras.Input((40, 48, 1), dtype="uint8"),
+                              RandomAffine.from_params(AugmentConfig(), seed=7)])
+    model(x, training=True)
+    model.save(tmp_path / "m.keras")
+    clone = keras.models.load_model(tmp_path / "m.keras")
+    assert clone.layers[0].params == AugmentConfig()
+    np.testing.assert_array_equal(clone(x, training=True).numpy(),
+                                  model(x, training=True).numpy())
+    # A layer saved before the intensity transforms existed loads with them off.
+    old = {k: v for k, v in RandomAffine(seed=1).get_config().items()
+           if k not in INTENSITY_FIELDS}
+    assert RandomAffine.from_config(old).params.intensity_is_identity
+
+
+@pytest.mark.parametrize("kwargs", [dict(gamma=-0.1), dict(blur_probability=1.5),
+                                    dict(noise_levels=300.0), dict(blur_sigma=0.5),
+                                    dict(contrast=float("inf"))])
+def test_invalid_intensity_ranges(kwargs):
+    with pytest.raises(ValueError):
+        AugmentConfig(**kwargs)
