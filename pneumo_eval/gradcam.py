@@ -2,7 +2,10 @@
 
 The last convolutional layer is found by itself: the last layer with a 4-D
 output, looking inside a nested backbone (``block5_conv3`` for VGG16,
-``conv5_block3_out`` for ResNet50, ``conv2`` for the manual CNN). The model is
+``conv5_block3_out`` for ResNet50, ``conv2`` for the manual CNN), or the batch norm and
+activation right after the last convolution (``block4_relu`` for bn_cnn). When the
+model's preprocessing crops a border, the map covers the cropped window and the
+border gets 0. The model is
 run layer by layer so the feature map of a nested backbone is reachable; the
 augmentation layer is inactive (inference), and gradients are taken in float32
 even under mixed precision.
@@ -20,6 +23,7 @@ import tensorflow as tf
 _POOLING = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
             keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D,
             keras.layers.ZeroPadding2D, keras.layers.InputLayer)
+_CONV_TAIL = (keras.layers.BatchNormalization, keras.layers.ReLU, keras.layers.Activation)
 
 
 def _feature_layers(layers) -> list:
@@ -40,13 +44,19 @@ def _feature_layers(layers) -> list:
 def last_conv_layer(model: keras.Model) -> tuple[keras.Model | None, str]:
     """(nested backbone or None, name of the last feature-map layer before the head)."""
     found: tuple[keras.Model | None, str] | None = None
+    after_conv = False  # a conv's own batch norm and activation belong to its output
     for layer in model.layers:
         if isinstance(layer, keras.Model):
             inner = _feature_layers(layer.layers)
             if inner:
                 found = (layer, inner[-1].name)
+            after_conv = False
         elif isinstance(layer, keras.layers.Conv2D):
+            found, after_conv = (None, layer.name), True
+        elif after_conv and isinstance(layer, _CONV_TAIL):
             found = (None, layer.name)
+        else:
+            after_conv = False
     if found is None:
         raise ValueError(f"{model.name} has no convolutional layer for Grad-CAM")
     return found
@@ -86,10 +96,22 @@ def grad_cam(model: keras.Model, images, layer_name: str | None = None,
         grads = tape.gradient(target, feature)
     weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
     cam = tf.nn.relu(tf.reduce_sum(weights * feature, axis=-1, keepdims=True))
-    cam = tf.image.resize(cam, tf.shape(images)[1:3], method="bilinear")[..., 0]
+    height, width = int(images.shape[1]), int(images.shape[2])
+    mh, mw = _crop_margins(model, height, width)
+    cam = tf.image.resize(cam, [height - 2 * mh, width - 2 * mw], method="bilinear")
+    cam = tf.pad(cam, [[0, 0], [mh, mh], [mw, mw], [0, 0]])[..., 0]
     peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
     cam = tf.math.divide_no_nan(cam, peak)
     return cam.numpy()
+
+
+def _crop_margins(model: keras.Model, height: int, width: int) -> tuple[int, int]:
+    """The border the model's Preprocess layer cuts off (0, 0 without one)."""
+    from pneumo_models.layers import Preprocess, crop_margin
+    for layer in model.layers:
+        if isinstance(layer, Preprocess) and layer.crop:
+            return crop_margin(height, layer.crop), crop_margin(width, layer.crop)
+    return 0, 0
 
 
 def _gradcam_flat(model: keras.Model, layer_name: str):

@@ -7,40 +7,71 @@ from keras import ops
 
 # keras.applications' "caffe" preprocessing (VGG16, ResNet50): BGR order, ImageNet means.
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-MODES = ("unit", "caffe")
+MODES = ("unit", "standardize", "caffe")
+MIN_STD = 1.0  # grey levels: a flat image is divided by 1, not by ~0
+
+
+def crop_margin(size: int, crop: float) -> int:
+    """Pixels cut from each border of a ``size`` px side for a ``crop`` fraction."""
+    return int(round(crop * size))
 
 
 @keras.saving.register_keras_serializable(package="pneumo")
 class Preprocess(keras.layers.Layer):
     """uint8 grayscale [B,H,W,1] to what the network expects, in the compute dtype.
 
+    Part of the model, so training, evaluation, the served SavedModel and the LiteRT
+    flatbuffers all compute it the same way.
+
     Args:
-      mode: ``unit``: x / 255 with one channel (the manual CNN, as the old recipe's
-        ``rescale=1/255``); ``caffe``: three channels, BGR, ImageNet means
-        subtracted, exactly ``keras.applications.vgg16/resnet50.preprocess_input``
-        on a gray image copied to RGB.
+      mode: ``unit``: x / 255 with one channel (the manual CNN of the seed recipe, as the
+        old recipe's ``rescale=1/255``); ``standardize``: per image (x - mean) / max(std, 1
+        grey level), one channel, so a change of window, gain or offset moves the input
+        less (issue 10); ``caffe``: three channels, BGR, ImageNet means subtracted, exactly
+        ``keras.applications.vgg16/resnet50.preprocess_input`` on a gray image copied to RGB.
+      crop: fraction of the side cut from each border first (0: none), e.g. 0.05 drops the
+        outer 5 % where burned-in labels and collimator edges sit. The network then sees
+        ``H - 2 round(crop H)`` px (no resampling); ``standardize`` uses the cropped image's
+        statistics.
 
     Input shape: ``[B, H, W, 1]``, any real dtype, values 0..255.
-    Output shape: ``[B, H, W, 1]`` (unit) or ``[B, H, W, 3]`` (caffe).
+    Output shape: ``[B, H', W', 1]`` (unit, standardize) or ``[B, H', W', 3]`` (caffe), with
+    ``H' = H - 2 round(crop H)``.
     """
 
-    def __init__(self, mode: str = "unit", **kwargs):
+    def __init__(self, mode: str = "unit", crop: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not 0 <= crop < 0.25:
+            raise ValueError(f"crop must be in [0, 0.25), got {crop!r}")
         self.mode = mode
+        self.crop = float(crop)
 
     def call(self, inputs):
         # Arithmetic in float32, then cast: bf16 cannot hold 255 - 123.68 exactly.
         x = ops.cast(inputs, "float32")
+        if self.crop:
+            h, w = inputs.shape[1], inputs.shape[2]
+            mh, mw = crop_margin(h, self.crop), crop_margin(w, self.crop)
+            x = x[:, mh:h - mh, mw:w - mw, :]
         if self.mode == "unit":
             x = x / 255.0
+        elif self.mode == "standardize":
+            mean = ops.mean(x, axis=(1, 2, 3), keepdims=True)
+            centred = x - mean
+            std = ops.sqrt(ops.mean(ops.square(centred), axis=(1, 2, 3), keepdims=True))
+            x = centred / ops.maximum(std, MIN_STD)
         else:
             x = ops.concatenate([x - m for m in CAFFE_MEAN_BGR], axis=-1)
         return ops.cast(x, self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
-        return (*input_shape[:-1], 1 if self.mode == "unit" else 3)
+        h, w = input_shape[1], input_shape[2]
+        if self.crop:
+            h = None if h is None else h - 2 * crop_margin(h, self.crop)
+            w = None if w is None else w - 2 * crop_margin(w, self.crop)
+        return (input_shape[0], h, w, 3 if self.mode == "caffe" else 1)
 
     def get_config(self):
-        return {**super().get_config(), "mode": self.mode}
+        return {**super().get_config(), "mode": self.mode, "crop": self.crop}

@@ -127,7 +127,7 @@ class TrainConfig:
         for name in ("early_stopping_patience", "fine_tune_epochs", "steps_per_epoch"):
             if getattr(self, name) < 0:
                 raise TrainError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= n.dropout < 1:
+        if n.dropout is not None and not 0 <= n.dropout < 1:
             raise TrainError(f"--dropout must be in [0, 1), got {n.dropout}")
         if n.model not in MODELS:
             raise TrainError(f"--model must be one of {MODELS}, got {n.model!r}")

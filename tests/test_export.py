@@ -105,6 +105,19 @@ def test_pixels_signature_any_size(small_model, exported):
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+def test_saved_model_keeps_the_models_preprocessing(tmp_path):
+    """bn_cnn with per-image standardisation and a border crop: both run inside the
+    SavedModel as they run in Keras."""
+    model = build_model("bn_cnn", image_size=40, weights="none", seed=1, crop=0.1)
+    assert model.get_layer("preprocess").mode == "standardize"
+    spec = pp.PreprocessSpec(stored_size=64)
+    loaded = tf.saved_model.load(str(export_saved_model(model, tmp_path / "s", spec)))
+    stored = np.stack(images(3, [(64, 64)] * 4))[..., None]
+    got = loaded.signatures["serve_pixels"](pixels=tf.constant(stored))["probability"].numpy()
+    want = model.predict(pp.to_model_input(stored, 40), verbose=0)[:, 0]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
 def test_bytes_signature_errors_say_why(exported):
     _, _, loaded = exported
     serve = loaded.signatures["serving_default"]

@@ -25,7 +25,8 @@ def planted_images(n, seed):
 @pytest.fixture(scope="module")
 def trained():
     x, y = planted_images(240, 0)
-    model = build_model("manual_cnn", image_size=SIZE, weights="none", augment=False, seed=0)
+    model = build_model("manual_cnn", image_size=SIZE, weights="none", augment=False, seed=0,
+                        preprocessing="unit")
     model.compile(keras.optimizers.Adam(1e-3), "binary_crossentropy")
     model.fit(x, y, batch_size=16, epochs=4, verbose=0)
     return model
@@ -50,6 +51,7 @@ def test_peak_falls_inside_the_planted_region(trained):
 
 @pytest.mark.parametrize("name,layer,policy", [
     ("manual_cnn", "conv2", "mixed_bfloat16"),
+    ("bn_cnn", "block4_relu", "mixed_bfloat16"),
     ("vgg16", "block5_conv3", "float32"),
     ("resnet50", "conv5_block3_out", "mixed_float16"),
 ])
@@ -60,3 +62,13 @@ def test_finds_last_conv_layer_for_every_model_and_precision(name, layer, policy
     heat = grad_cam(model, images)
     assert heat.shape == (2, SIZE, SIZE) and heat.dtype == np.float32
     assert np.isfinite(heat).all() and heat.min() >= 0 and heat.max() <= 1
+
+
+def test_a_cropping_model_gets_no_heat_on_the_cut_border():
+    model = build_model("bn_cnn", image_size=SIZE, weights="none", crop=0.1, seed=0)
+    images = np.random.default_rng(1).integers(0, 256, (2, SIZE, SIZE, 1)).astype(np.uint8)
+    heat = grad_cam(model, images)
+    margin = round(0.1 * SIZE)
+    assert heat.shape == (2, SIZE, SIZE)
+    assert (heat[:, :margin] == 0).all() and (heat[:, :, -margin:] == 0).all()
+    assert heat[:, margin:-margin, margin:-margin].max() > 0

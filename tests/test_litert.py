@@ -49,9 +49,14 @@ def test_int8_calibration_reads_only_train_images(prepared, tmp_path):
         litert.calibration_images(prepared, 128)
 
 
-@pytest.fixture(scope="module")
-def litert_files(prepared, tmp_path_factory):
-    model = build_model("manual_cnn", image_size=40, weights="none", seed=3)
+@pytest.fixture(scope="module", params=["manual_cnn", "bn_cnn_crop"])
+def litert_files(prepared, tmp_path_factory, request):
+    # manual_cnn with its default standardisation; bn_cnn (batch norm, global pooling) with a
+    # border crop as well: the model's own preprocessing goes into the flatbuffer.
+    if request.param == "manual_cnn":
+        model = build_model("manual_cnn", image_size=40, weights="none", seed=3)
+    else:
+        model = build_model("bn_cnn", image_size=40, weights="none", seed=3, crop=0.1)
     spec = pp.PreprocessSpec(stored_size=64)
     out = tmp_path_factory.mktemp("litert") / "litert"
     paths = litert.export_litert(model, out, spec, data_dir=prepared, calibration=64)

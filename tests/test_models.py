@@ -63,6 +63,69 @@ def test_manual_cnn_is_the_old_architecture():
     assert model.get_layer("fc").units == 128 and model.get_layer("dropout").rate == 0.5
 
 
+def test_bn_cnn_architecture():
+    model = models.build_model("bn_cnn", image_size=150, weights="none", augment=False)
+    assert model.count_params() == 396_473  # the issue-10 research's bn4
+    convs = [l for l in model.layers if isinstance(l, keras.layers.Conv2D)]
+    assert [c.filters for c in convs] == [24, 32, 64, 128, 256]
+    assert convs[0].strides == (2, 2) and not any(c.use_bias for c in convs)
+    assert all(c.padding == "same" for c in convs)
+    assert isinstance(model.get_layer("gap"), keras.layers.GlobalAveragePooling2D)
+    assert model.get_layer("dropout").rate == 0.3
+    assert model.get_layer("preprocess").mode == "standardize"
+    assert model.get_layer("block4_relu").output.shape[1:3] == (9, 9)
+    # the default augmentation is the default recipe's for this network
+    aug = models.build_model("bn_cnn", image_size=SIZE, weights="none").get_layer("augment")
+    cnn = models.build_model("manual_cnn", image_size=SIZE, weights="none").get_layer("augment")
+    assert aug.params.zoom == 0.25 and cnn.params.zoom == 0.1
+    assert not aug.params.intensity_is_identity
+
+
+def test_standardize_and_crop():
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (3, 20, 20, 1)).astype("float32")
+    gray[2] = 77  # a flat image: divided by 1 grey level, not by ~0
+    out = Preprocess("standardize")(gray.astype("uint8")).numpy()
+    mean = gray.mean(axis=(1, 2, 3), keepdims=True)
+    std = np.maximum(gray.std(axis=(1, 2, 3), keepdims=True), 1.0)
+    np.testing.assert_allclose(out, (gray - mean) / std, atol=1e-5)
+    assert (out[2] == 0).all()
+    # a change of gain and offset (a window change without clipping) moves nothing
+    image = rng.integers(60, 180, (1, 20, 20, 1)).astype("float32")
+    a = Preprocess("standardize")(image).numpy()
+    b = Preprocess("standardize")(0.7 * image + 30).numpy()
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    cropped = Preprocess("unit", crop=0.1)(gray).numpy()
+    np.testing.assert_allclose(cropped, gray[:, 2:18, 2:18] / 255.0, atol=1e-6)
+    layer = Preprocess("standardize", crop=0.1)
+    assert layer.compute_output_shape((None, 20, 20, 1)) == (None, 16, 16, 1)
+    clone = Preprocess.from_config(layer.get_config())
+    assert (clone.mode, clone.crop) == ("standardize", 0.1)
+    old = {k: v for k, v in Preprocess("unit").get_config().items() if k != "crop"}
+    assert Preprocess.from_config(old).crop == 0.0  # layers saved before crop existed
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(name="vgg16", preprocessing="unit"), "caffe"),
+    (dict(name="manual_cnn", preprocessing="caffe"), "caffe"),
+    (dict(name="bn_cnn", weights="imagenet"), "ImageNet"),
+    (dict(name="bn_cnn", crop=0.3), "crop"),
+    (dict(name="bn_cnn", dropout=1.0), "dropout"),
+])
+def test_network_options_are_checked(kwargs, message):
+    name = kwargs.pop("name")
+    with pytest.raises(UserError, match=message):
+        models.build_model(name, image_size=SIZE, **{"weights": "none", **kwargs})
+
+
+def test_unit_preprocessing_is_the_seed_recipes():
+    model = models.build_model("manual_cnn", image_size=SIZE, weights="none",
+                               preprocessing="unit", augment=False)
+    assert model.get_layer("preprocess").mode == "unit"
+    assert models.build_model("manual_cnn", image_size=SIZE, weights="none").get_layer(
+        "preprocess").mode == "standardize"
+
+
 def test_caffe_preprocessing_matches_keras_applications():
     gray = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 1)).astype("uint8")
     ours = Preprocess("caffe")(gray).numpy()
