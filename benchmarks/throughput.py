@@ -8,13 +8,19 @@ Rows (150x150, batch 32 by default; warm-up excluded, median of --repeats):
 1. old recipe: tf_keras ``ImageDataGenerator.flow_from_directory`` with its
    augmentation (rotation 15, shifts 0.1, shear 0.1, zoom 0.1, flip, nearest)
 2. ``keras.utils.image_dataset_from_directory`` + five keras-cv layers in tf.data
-3. pneumo, ``augment='host'`` (the fused warp in tf.data)
-4. pneumo, ``augment='device'``: the stream that leaves the host
-5. pneumo, ``augment='device'`` + the augmentation layer run where the model runs
-6. ceiling: one in-memory batch repeated
+3. pneumo, ``augment='host'`` (the fused warp in tf.data), the seed recipe's ranges
+   (affine only)
+4. the same with the default recipe's augmentation (affine with zoom 0.25, then the
+   intensity transforms: gamma, contrast, brightness, blur with probability 0.3, noise)
+5. pneumo, ``augment='device'``: the stream that leaves the host
+6. pneumo, ``augment='device'`` + the augmentation layer run where the model runs,
+   affine only
+7. the same, affine + intensity (the default)
+8. ceiling: one in-memory batch repeated
 
-A second table times the augmentation alone on one in-memory batch: the fused
-warp against the chain of five keras-cv layers.
+A second table times the augmentation alone on one in-memory batch: the fused layer
+with the intensity transforms off and on (the cost of issue 10's intensity
+augmentation, measured in the same run) against the chain of five keras-cv layers.
 """
 
 from __future__ import annotations
@@ -87,12 +93,24 @@ def keras_directory_recipe(root: str, size: int, batch: int):
     return factory
 
 
-def pneumo_stream(data_dir: str, size: int, batch: int, augment: str, on_device: bool = False):
+AFFINE_ONLY = "affine only (seed recipe)"
+WITH_INTENSITY = "affine + intensity (default)"
+
+
+def augmentations() -> dict:
+    from pneumo_data.config import AugmentConfig
+    return {AFFINE_ONLY: AugmentConfig.seed_recipe(), WITH_INTENSITY: AugmentConfig()}
+
+
+def pneumo_stream(data_dir: str, size: int, batch: int, augment: str, on_device: bool = False,
+                  params=None):
     import tensorflow as tf
 
     import pneumo_data
     from pneumo_data.augment import RandomAffine
-    layer = RandomAffine()
+    from pneumo_data.config import AugmentConfig
+    params = params or AugmentConfig.seed_recipe()
+    layer = RandomAffine.from_params(params)
 
     @tf.function
     def device_step(images):
@@ -100,7 +118,7 @@ def pneumo_stream(data_dir: str, size: int, batch: int, augment: str, on_device:
 
     def factory():
         ds = pneumo_data.train_dataset(data_dir, batch_size=batch, image_size=size,
-                                       augment=augment)
+                                       augment=augment, augmentation=params)
         iterator = iter(ds)
         if not on_device:
             return iterator
@@ -124,12 +142,11 @@ def augmentation_alone(size: int, batch: int, seconds: float, repeats: int) -> d
     from pneumo_data.augment import RandomAffine
     images = tf.constant(np.random.default_rng(0).uniform(0, 255, (batch, size, size, 1)),
                          tf.float32)
-    fused = RandomAffine()
     chain = five_keras_cv_layers()
 
-    @tf.function
-    def run_fused():
-        return fused(images, training=True)
+    def fused(params):
+        layer = RandomAffine.from_params(params)
+        return tf.function(lambda: layer(images, training=True))
 
     @tf.function
     def run_chain():
@@ -139,8 +156,9 @@ def augmentation_alone(size: int, batch: int, seconds: float, repeats: int) -> d
         return out
 
     result = {}
-    for name, fn in (("fused affine warp (pneumo RandomAffine)", run_fused),
-                     ("five keras-cv layers", run_chain)):
+    runs = [(f"pneumo RandomAffine, {name}", fused(params))
+            for name, params in augmentations().items()]
+    for name, fn in (*runs, ("five keras-cv layers", run_chain)):
         def gen(fn=fn):
             while True:
                 yield (fn().numpy(),)
@@ -165,11 +183,15 @@ def main(argv):
              old_recipe(root, size, batch), 2),
             ("image_dataset_from_directory + 5 keras-cv layers",
              keras_directory_recipe(root, size, batch), 3),
-            ("pneumo augment='host'", pneumo_stream(work, size, batch, "host"), cache_fill),
+            *[(f"pneumo augment='host', {name}",
+               pneumo_stream(work, size, batch, "host", params=params), cache_fill)
+              for name, params in augmentations().items()],
             ("pneumo augment='device': stream leaving the host",
              pneumo_stream(work, size, batch, "device"), cache_fill),
-            ("pneumo augment='device' + augmentation where the model runs",
-             pneumo_stream(work, size, batch, "device", on_device=True), cache_fill),
+            *[(f"pneumo augment='device' + augmentation where the model runs, {name}",
+               pneumo_stream(work, size, batch, "device", on_device=True, params=params),
+               cache_fill)
+              for name, params in augmentations().items()],
             ("ceiling: one in-memory batch repeated", ceiling(work, size, batch), 3),
         ]
         results = {}
@@ -185,11 +207,13 @@ def main(argv):
                   for name, r in results.items()]
     table = common.markdown_table(
         ["input pipeline", "img/s (median)", "range", "vs old recipe", "of ceiling"], table_rows)
-    fused, chain = aug.values()
+    fused, fused_intensity, chain = aug.values()
     table += "\n\n" + common.markdown_table(
         ["augmentation alone (one in-memory batch)", "img/s (median)", "range"],
         [[name, r["median"], f"{r['min']:,.0f}-{r['max']:,.0f}"] for name, r in aug.items()])
     table += (f"\n\nFused warp vs five-layer chain: {fused['median'] / chain['median']:.1f}x. "
+              f"Intensity transforms on vs off (the fused layer alone): "
+              f"{fused_intensity['median'] / fused['median']:.2f}x the images/s. "
               f"Images: {train_images} from {source_dir} ({size}x{size}, batch {batch}); "
               f"prepare took {prepare_seconds:.1f}s (not in the rates).")
     name = FLAGS.name or f"throughput-{Path(source_dir).name}"
@@ -198,7 +222,8 @@ def main(argv):
                "batch_size": batch, "seconds_per_repeat": FLAGS.seconds,
                "prepare_seconds": prepare_seconds, "results": results,
                "augmentation_alone": aug,
-               "fused_over_chain": fused["median"] / chain["median"]}
+               "fused_over_chain": fused["median"] / chain["median"],
+               "intensity_on_over_off": fused_intensity["median"] / fused["median"]}
     path = common.write_results(name, FLAGS.output_dir, payload, table)
     if FLAGS.plot:
         common.bar_chart(path.with_suffix(".png"), {k: v["median"] for k, v in results.items()},

@@ -173,7 +173,8 @@ def train_dataset(data_dir, *, batch_size: int = 32, image_size: int = 150,
       seed: seeds shuffling, class sampling and host augmentation.
       deterministic: reproducible order; with a seed, the same stream each run.
       input_context: from ``tf.distribute``; shards files across input pipelines.
-      augmentation: ranges for host augmentation (default: the old recipe's).
+      augmentation: ranges for host augmentation (default: ``AugmentConfig()``, the default
+        recipe's; ``AugmentConfig.seed_recipe()`` is the old recipe's).
       verify_checksums: check shard sha256 first (sizes are always checked).
 
     Use :func:`steps_per_epoch` for the epoch length.

@@ -39,6 +39,7 @@ from pneumo_data.common.errors import UserError
 from pneumo_data.common.files import file_sha256, read_json
 from pneumo_data.common.outputs import OutputDir
 from pneumo_eval import metrics as metrics_lib
+from pneumo_eval.tta import MODES as TTA_MODES
 
 log = logging.getLogger("pneumo.evaluate")
 
@@ -70,6 +71,10 @@ class EvaluateConfig:
     gradcam_examples: int = option(3, "Grad-CAM examples per kind (TP, FP, FN); 0: none.")
     batch_size: int = option(64, "Prediction batch size.")
     seed: int = option(0, "Seed of the bootstrap.")
+    tta: str = option("none", "Test-time augmentation: none, flip (mean over the image and its "
+                              "mirror) or flip_scale (and sampling scales 0.9 and 1.1: six "
+                              "views); the threshold is chosen on val with the same views.",
+                      choices=TTA_MODES)
 
 
 @dataclasses.dataclass
@@ -81,8 +86,11 @@ class Predictions:
     paths: np.ndarray
 
 
-def predict_split(model, data_dir, split: str, batch_size: int) -> Predictions:
+def predict_split(model, data_dir, split: str, batch_size: int, tta: str = "none"
+                  ) -> Predictions:
+    """The model's scores of every image of ``split`` (mean over the ``tta`` views)."""
     import pneumo_data
+    from pneumo_eval.tta import tta_scores
     from pneumo_models.models import predictor
     size = int(model.inputs[0].shape[1])
     ds = pneumo_data.eval_dataset(data_dir, split, batch_size=batch_size, image_size=size,
@@ -90,7 +98,7 @@ def predict_split(model, data_dir, split: str, batch_size: int) -> Predictions:
     score = predictor(model)  # graph execution, as the exports run it
     labels, scores, patients, subtypes, paths = [], [], [], [], []
     for images, y, meta in ds:
-        scores.append(score(images))
+        scores.append(tta_scores(score, images.numpy(), tta))
         labels.append(y.numpy()[:, 0].astype(np.int64))
         patients += [p.decode() for p in meta["patient_id"].numpy()]
         subtypes += [p.decode() for p in meta["subtype"].numpy()]
@@ -155,6 +163,7 @@ def evaluate_model(model_dir: Path, config: EvaluateConfig, out: OutputDir, pref
     from pneumo_data import manifest as manifest_lib
     from pneumo_eval import plots
     from pneumo_eval.bootstrap import bootstrap_intervals
+    from pneumo_eval.calibration import calibration_report
     from pneumo_eval.thresholds import choose_threshold
     from pneumo_models.models import load_model
     from pneumo_models.train import run_data_dir
@@ -193,7 +202,7 @@ def evaluate_model(model_dir: Path, config: EvaluateConfig, out: OutputDir, pref
     model = load_model(model_path)
     model_size = int(model.inputs[0].shape[1])
 
-    val = predict_split(model, threshold_m.data_dir, "val", config.batch_size)
+    val = predict_split(model, threshold_m.data_dir, "val", config.batch_size, config.tta)
     try:
         choice = choose_threshold(val.labels, val.scores, config.threshold_policy,
                                   chosen_on="val")
@@ -201,7 +210,7 @@ def evaluate_model(model_dir: Path, config: EvaluateConfig, out: OutputDir, pref
         raise EvaluateError(f"cannot choose a threshold on the val split of "
                             f"{threshold_m.data_dir}: {error}") from None
     pred = val if config.split == "val" and threshold_m is m else predict_split(
-        model, data_dir, config.split, config.batch_size)
+        model, data_dir, config.split, config.batch_size, config.tta)
     t = choice.threshold
     point = metrics_lib.binary_metrics(pred.labels, pred.scores, t)
     intervals = bootstrap_intervals(pred.labels, pred.scores, t, groups=pred.patients,
@@ -209,6 +218,7 @@ def evaluate_model(model_dir: Path, config: EvaluateConfig, out: OutputDir, pref
     subtypes = metrics_lib.subtype_sensitivity(pred.labels, pred.scores, pred.subtypes, t)
     if set(subtypes) <= {"unknown"}:
         subtypes = {}  # a CSV source says pneumonia, not which kind: nothing to break down
+    calibration = calibration_report(val.labels, val.scores, pred.labels, pred.scores)
     eval_info = dataset_info(m, config.split)
     train_info = dataset_info(train_m) if train_m is not None else None
     warnings_ = cross_dataset_warnings(train_m, m, config.split, model_size) if cross else []
@@ -262,6 +272,8 @@ def evaluate_model(model_dir: Path, config: EvaluateConfig, out: OutputDir, pref
         "bootstrap": intervals["_meta"],
         "undefined": metrics_lib.undefined_reasons(point),
         "subtype_sensitivity": subtypes,
+        "tta": config.tta,
+        "calibration": calibration,
         "gradcam_examples": examples,
         "figures": figures,
         "options": config_to_dict(config),
@@ -401,6 +413,11 @@ def report_markdown(report: dict) -> str:
     ]
     for key in metrics_lib.METRICS:
         lines.append(f"| {key} | {_fmt(report['metrics'].get(key))} |")
+    if report.get("tta", "none") != "none":
+        at = next(i for i, line in enumerate(lines) if line.startswith("- Threshold:"))
+        lines.insert(at + 1, f"- Test-time augmentation: `{report['tta']}` (the threshold was "
+                             f"chosen on val with the same views)")
+    lines += _calibration_lines(report.get("calibration"))
     if report["subtype_sensitivity"]:
         lines += ["", "| subtype | positives | detected | sensitivity |", "|---|---|---|---|"]
         for name, v in report["subtype_sensitivity"].items():
@@ -414,6 +431,27 @@ def report_markdown(report: dict) -> str:
     lines += ["", "Figures: " + ", ".join(f"[{k}]({v})" for k, v in report["figures"].items()),
               ""]
     return "\n".join(lines)
+
+
+def _calibration_lines(calibration: dict | None) -> list[str]:
+    if not calibration:
+        return []
+    if "undefined" in calibration:
+        return ["", f"Calibration: undefined ({calibration['undefined']})"]
+    lines = ["", f"Calibration, fitted on val (ECE over {calibration['bins']} equal-width bins; "
+                 f"temperature T = {calibration['temperature']:.3f}, Platt a = "
+                 f"{calibration['platt']['a']:.3f}, b = {calibration['platt']['b']:.3f}); "
+                 f"a monotone map, so sensitivity and specificity at the val-chosen threshold "
+                 f"do not change:", "",
+             "| split | ECE raw | after temperature | after Platt | mean probability | "
+             "fraction pneumonia |", "|---|---|---|---|---|---|"]
+    for key, name in (("val", "val (fitted here)"), ("evaluated", "evaluated split")):
+        c = calibration.get(key)
+        if c:
+            lines.append(f"| {name} | {c['ece']:.3f} | {c['ece_temperature']:.3f} | "
+                         f"{c['ece_platt']:.3f} | {c['mean_probability']:.3f} | "
+                         f"{c['positive_fraction']:.3f} |")
+    return lines
 
 
 def comparison_markdown(reports: list[dict]) -> str:

@@ -18,12 +18,18 @@ export the ones it recorded (``serving.json``, ``litert.json``). Stage (b), the 
 model's input, is the pipeline's own (inside the SavedModel and the flatbuffer). So each
 route sees exactly the pixels the evaluated model saw.
 
+``--tta`` (test-time augmentation, :mod:`pneumo_eval.tta`) averages the probability over
+mirrored and rescaled views: for a Keras model the views are made at the model's input size,
+as evaluate makes them; an export takes the stored image, so there they are made at the
+stored size (the same views, resampled at another size).
+
 The threshold: ``--threshold_from`` (an evaluation's report.json), else ``--threshold``, else
-the one a SavedModel was exported with, else 0.5. A file that cannot be read gets a row with
-its error instead of a probability; the job never stops on one bad file. The CSV is written
-under a partial name and renamed when complete. An existing ``--output`` is replaced only when
-it is an earlier predictions CSV of this job (same header); any other file is refused before
-any work is done.
+the one a SavedModel was exported with, else 0.5. A threshold chosen with another ``--tta``
+than predict's is used with a warning (it was chosen on other scores). A file that cannot be
+read gets a row with its error instead of a probability; the job never stops on one bad file.
+The CSV is written under a partial name and renamed when complete. An existing ``--output`` is
+replaced only when it is an earlier predictions CSV of this job (same header); any other file
+is refused before any work is done.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import numpy as np
 from pneumo_data.common.config import option
 from pneumo_data.common.errors import UserError
 from pneumo_data.common.files import read_json, replacing
+from pneumo_eval.tta import MODES as TTA_MODES
 
 log = logging.getLogger("pneumo.predict")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm",
@@ -69,6 +76,8 @@ class PredictConfig:
     resize: str | None = option(None, "Keras models: how they were resized to it, stretch or "
                                       "pad (default: from the manifest, else stretch).")
     batch_size: int = option(32, "Prediction batch size.")
+    tta: str = option("none", "Test-time augmentation: none, flip or flip_scale (see "
+                              "pneumo_eval.evaluate --tta).", choices=TTA_MODES)
 
 
 def _files(path: Path) -> list[Path]:
@@ -91,13 +100,18 @@ def _check_output(out: Path) -> None:
                                f"job; not replacing it. Choose another --output")
 
 
-def _threshold_from(path: str) -> float:
+def _threshold_from(path: str, tta: str = "none") -> float:
     report = read_json(path, "--threshold_from")
     try:
-        return report["threshold"]["value"]
+        value = report["threshold"]["value"]
     except (KeyError, TypeError):
         raise PredictError(f"--threshold_from {path} is not a report.json of "
                            f"pneumo_eval.evaluate (no threshold.value)") from None
+    chosen_with = report.get("tta", "none")
+    if chosen_with != tta:
+        log.warning("the threshold of %s was chosen with --tta=%s, and predict runs --tta=%s: "
+                    "it was chosen on other scores", path, chosen_with, tta)
+    return value
 
 
 # ---------------------------------------------------------------- the three kinds of model
@@ -179,6 +193,7 @@ def _keras_spec(config: PredictConfig, path: Path):
 
 def _load(config: PredictConfig, path: Path, kind: str) -> Scorer:
     from pneumo_data.preprocess import PreprocessSpec, to_model_input
+    from pneumo_eval.tta import tta_scores
 
     if kind != "keras" and (config.stored_size or config.resize):
         raise PredictError("--stored_size/--resize apply to .keras models only; an export "
@@ -190,7 +205,8 @@ def _load(config: PredictConfig, path: Path, kind: str) -> Scorer:
         spec, source = _keras_spec(config, path)
         model = load_model(path)
         size, score = model_size(model), predictor(model)
-        return Scorer(kind, path, spec, source, lambda x: score(to_model_input(x, size)))
+        return Scorer(kind, path, spec, source,
+                      lambda x: tta_scores(score, to_model_input(x, size), config.tta))
     if kind == "savedmodel":
         import tensorflow as tf
 
@@ -199,8 +215,9 @@ def _load(config: PredictConfig, path: Path, kind: str) -> Scorer:
         meta = load_serving_meta(path)
         signature = tf.saved_model.load(str(path)).signatures["serve_pixels"]
         return Scorer(kind, path, PreprocessSpec.from_dict(meta["preprocess"]),
-                      f"{path}'s serving.json", lambda x: np.asarray(
-                          signature(pixels=tf.constant(x))["probability"], np.float64),
+                      f"{path}'s serving.json", lambda x: tta_scores(lambda v: np.asarray(
+                          signature(pixels=tf.constant(v))["probability"], np.float64), x,
+                          config.tta),
                       threshold=float(meta["threshold"]))
     from pneumo_models.litert import LiteRTModel, load_litert_meta
 
@@ -211,7 +228,8 @@ def _load(config: PredictConfig, path: Path, kind: str) -> Scorer:
         raise PredictError(f"{path} takes {edge.stored_size} px images but its litert.json "
                            f"says {spec.stored_size}")
     return Scorer(kind, path, spec, f"{path.parent / 'litert.json'}",
-                  lambda x: edge.predict(x, batch_size=len(x)).astype(np.float64))
+                  lambda x: tta_scores(lambda v: edge.predict(v, batch_size=len(v)).astype(
+                      np.float64), x, config.tta))
 
 
 def predict(config: PredictConfig) -> Path:
@@ -227,7 +245,9 @@ def predict(config: PredictConfig) -> Path:
         raise PredictError(f"--resize must be one of {RESIZE_MODES}, got {config.resize!r}")
     out = Path(config.output)
     _check_output(out)
-    given = _threshold_from(config.threshold_from) if config.threshold_from \
+    if config.tta not in TTA_MODES:
+        raise PredictError(f"--tta must be one of {TTA_MODES}, got {config.tta!r}")
+    given = _threshold_from(config.threshold_from, config.tta) if config.threshold_from \
         else config.threshold
     if given is not None:
         try:

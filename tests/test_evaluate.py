@@ -246,3 +246,42 @@ def test_cross_dataset_overlap_with_the_training_images_is_flagged(model_dirs, s
     assert report["warnings"] == [f"overlap: {m.count('test')} evaluated image(s) are "
                                   f"byte-identical to images of the model's train or val split"]
     assert report["data"]["name"] == "copy"
+
+
+def test_tta_and_calibration_in_the_report(model_dirs, prepared, tmp_path):
+    (report,) = ev.evaluate(config(model_dirs[:1], tmp_path, tta="flip", gradcam_examples=0))
+    model = load_model(model_dirs[0] / "model.keras")
+    val = ev.predict_split(model, prepared, "val", 64, tta="flip")
+    plain = ev.predict_split(model, prepared, "val", 64)
+    assert not np.allclose(val.scores, plain.scores)
+    chosen = choose_threshold(val.labels, val.scores, "youden")
+    assert report["tta"] == "flip" and report["options"]["tta"] == "flip"
+    assert report["threshold"]["value"] == pytest.approx(chosen.threshold)
+    calibration = report["calibration"]
+    assert calibration["fitted_on"] == "val" and calibration["temperature"] > 0
+    assert set(calibration["platt"]) == {"a", "b"}
+    for part in ("val", "evaluated"):
+        assert {"ece", "ece_temperature", "ece_platt"} <= set(calibration[part])
+    text = (tmp_path / "report.md").read_text()
+    assert "Test-time augmentation: `flip`" in text and "after Platt" in text
+
+
+def test_predict_tta_is_the_mean_over_the_views(model_dirs, synthetic_source, prepared, tmp_path):
+    from pneumo_data.dicom import decode_any
+    from pneumo_data.manifest import load_manifest
+    from pneumo_data.preprocess import to_model_input
+    from pneumo_models.models import predictor
+    image = sorted((synthetic_source / "test" / "PNEUMONIA").iterdir())[0]
+    rows = {}
+    for mode in ("none", "flip"):
+        out = predict(PredictConfig(model_dir=str(model_dirs[0]), input=str(image),
+                                    output=str(tmp_path / f"{mode}.csv"), tta=mode))
+        rows[mode] = float(next(csv.DictReader(open(out)))["probability"])
+    spec = load_manifest(prepared).preprocess
+    stored, _ = decode_any(image.read_bytes(), spec.stored_size, spec.resize, spec.max_pixels,
+                           spec.fast_jpeg)
+    model = load_model(model_dirs[0] / "model.keras")
+    x = to_model_input(stored[None, ..., None], int(model.inputs[0].shape[1]))
+    score = predictor(model)
+    assert rows["none"] == pytest.approx(score(x)[0], abs=1e-6)
+    assert rows["flip"] == pytest.approx((score(x)[0] + score(x[:, :, ::-1])[0]) / 2, abs=1e-6)
