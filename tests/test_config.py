@@ -75,3 +75,35 @@ def test_train_config_flags_cover_every_leaf_once():
     names = set(leaves(TrainConfig()))
     assert names <= set(values)
     assert {"batch_size", "model", "learning_rate", "rotation_deg", "deterministic"} <= names
+
+
+@dataclasses.dataclass(frozen=True)
+class WithPreset:
+    preset: str = option("small", "Preset.", choices=("small", "large"))
+    epochs: int = option(3, "Epochs.")
+    inner: Inner = group(Inner)
+
+    @classmethod
+    def resolve_given(cls, config, given):
+        values = {"small": {"epochs": 3, "rate": 0.1}, "large": {"epochs": 30, "rate": 0.5}}
+        return with_leaves(config, **{k: v for k, v in values[config.preset].items()
+                                      if k not in given})
+
+
+def test_resolve_given_sees_which_flags_were_given(tmp_path):
+    def parse(*argv):
+        values = flags.FlagValues()
+        define_flags(WithPreset, values)
+        values(["job", *argv])
+        return config_from_flags(WithPreset, values)
+
+    assert parse() == WithPreset()
+    assert parse("--preset=large") == WithPreset("large", 30, Inner(rate=0.5))
+    assert parse("--preset=large", "--epochs=3") == WithPreset("large", 3, Inner(rate=0.5))
+    # a value equal to the default still counts as given
+    assert parse("--preset=large", "--rate=0.1").inner.rate == 0.1
+    # flags from a --flagfile count as given, so a written flagfile reproduces its config
+    config = WithPreset("large", 7, Inner(rate=0.25))
+    flagfile = tmp_path / "run.flags"
+    flagfile.write_text(config_to_flagfile(config))
+    assert parse(f"--flagfile={flagfile}") == config

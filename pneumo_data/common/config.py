@@ -141,8 +141,20 @@ def _build(cls, leaf: typing.Callable[[dataclasses.Field, type], Any]):
     return cls(**values)
 
 
+def given_leaves(cls, flag_values: flags.FlagValues = flags.FLAGS) -> set[str]:
+    """Names of the leaves of ``cls`` whose flags were given (on the command line or in a
+    ``--flagfile``), as opposed to left at their defaults."""
+    return {f.name for _, f, _, _ in leaf_fields(cls) if flag_values[f.name].present}
+
+
 def config_from_flags(cls, flag_values: flags.FlagValues = flags.FLAGS, **overrides):
-    """Builds config tree ``cls`` from parsed flags; ``overrides`` are leaf values by name."""
+    """Builds config tree ``cls`` from parsed flags; ``overrides`` are leaf values by name.
+
+    A config class may define ``resolve_given(config, given)`` (a classmethod or static
+    method) to fill leaves the user did not give from other leaves, e.g. a recipe's values:
+    it is called with the built config and the names of the leaves given as flags or
+    overrides, and its result is returned.
+    """
     leaves = {name for _, f, _, _ in leaf_fields(cls) for name in [f.name]}
     unknown = sorted(set(overrides) - leaves)
     if unknown:
@@ -152,7 +164,11 @@ def config_from_flags(cls, flag_values: flags.FlagValues = flags.FLAGS, **overri
         if field.name in overrides:
             return overrides[field.name]
         return _leaf_value(field, kind, flag_values[field.name].value)
-    return _build(cls, leaf)
+    config = _build(cls, leaf)
+    resolve = getattr(cls, "resolve_given", None)
+    if resolve is not None:
+        config = resolve(config, given_leaves(cls, flag_values) | set(overrides))
+    return config
 
 
 def with_leaves(config, **leaves):
