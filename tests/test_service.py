@@ -76,12 +76,13 @@ class Server:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A fault-tolerant dispatcher and two workers; stopped with SIGTERM (workers first)."""
-    work_dir = tmp_path_factory.mktemp("dispatcher")
-    dispatcher = Server("--role=dispatcher", f"--port={free_port()}", f"--work_dir={work_dir}")
-    dispatcher.wait_ready()
-    workers = [Server("--role=worker", f"--dispatcher_address={dispatcher.address}")
+    work_dir, port = tmp_path_factory.mktemp("dispatcher"), free_port()
+    # All three start at once (a worker keeps trying to register until the dispatcher is up).
+    dispatcher = Server("--role=dispatcher", f"--port={port}", f"--work_dir={work_dir}")
+    workers = [Server("--role=worker", f"--dispatcher_address=localhost:{port}")
                for _ in range(2)]
     try:
+        dispatcher.wait_ready()
         for worker in workers:
             worker.wait_ready()
         yield dispatcher.address
@@ -243,10 +244,10 @@ def test_a_killed_dispatcher_restarts_from_its_journal_and_the_job_goes_on(servi
 
     port, work_dir = free_port(), tmp_path / "journal"
     dispatcher = Server("--role=dispatcher", f"--port={port}", f"--work_dir={work_dir}")
-    dispatcher.wait_ready()
-    worker = Server("--role=worker", f"--dispatcher_address={dispatcher.address}")
+    worker = Server("--role=worker", f"--dispatcher_address=localhost:{port}")
     restarted = None
     try:
+        dispatcher.wait_ready()
         worker.wait_ready()
         iterator = iter(service.train_dataset(service_data, dispatcher.address, batch_size=8,
                                               image_size=32, seed=0, augment="none",
