@@ -315,6 +315,14 @@ def task_names(strategy) -> list[str]:
     return [f"{t}-{i}" for t in WORKER_TASK_TYPES for i in range(len(cluster.get(t, [])))]
 
 
+def is_peer_failure(error: BaseException) -> bool:
+    """True for the errors a collective raises when another worker of the cluster died or
+    became unreachable (TensorFlow aborts the pending collectives)."""
+    import tensorflow as tf
+    return isinstance(error, (tf.errors.UnavailableError, tf.errors.AbortedError,
+                              tf.errors.CancelledError, tf.errors.DeadlineExceededError))
+
+
 def describe(strategy) -> dict[str, Any]:
     """What run.json records about the strategy."""
     task_type, index = task(strategy)

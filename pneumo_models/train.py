@@ -10,6 +10,12 @@ r"""The training job: prepared shards (or an image folder) to a trained, exporte
     # the same run, bit for bit, on the same machine:
     python -m pneumo_models.train --data_dir=data/xray --model_dir=runs/cnn2 --seed=1 \
         --deterministic
+    # every GPU of the machine (--batch_size is the global batch), or a cluster (one
+    # process per machine, each with its TF_CONFIG), or input from a tf.data service:
+    python -m pneumo_models.train --data_dir=data/xray --model_dir=runs/cnn --batch_size=256
+    TF_CONFIG='{"cluster": {"worker": ["h1:2222", "h2:2222"]}, "task": {"type": "worker", \
+        "index": 0}}' python -m pneumo_models.train --strategy=multi_worker --data_dir=...
+    python -m pneumo_models.train --data_dir=data/xray --data_service=grpc://dispatcher:5050
 
 Writes to ``model_dir``: ``config.json`` and ``config.flags`` (the run's options, written
 once the data has been checked; a model_dir holding another run's config is refused unless
@@ -33,6 +39,22 @@ the same seed on the same machine and software end with identical weights (slowe
 pipeline's parallel stages keep their order). Across machines, TensorFlow versions or
 oneDNN/CUDA kernels, results still differ in the last bits; and a resumed run continues the
 same sequences but is not promised to be bit-identical to an uninterrupted one.
+
+Distribution (``--strategy``, see :mod:`pneumo_models.distribute`). One training loop,
+:class:`pneumo_models.loop.TrainingLoop`, runs every strategy, one device included, rather
+than ``model.fit`` where it works and a loop where it does not: ``fit`` fails under
+MultiWorkerMirroredStrategy with TensorFlow 2.21 / Keras 3.15 (keras-team/keras#20585), so
+a custom step is needed there anyway, and one code path keeps every feature of the job (class
+weights, loss scaling, metrics, callbacks, checkpoints, resume, history) identical on 1, 8 or
+64 devices and tested once. The loop takes the optimizer and loss objects :func:`_compile`
+builds, so a learning-rate schedule or label smoothing is a change there, not in the loop.
+Only the chief writes ``model_dir``. Every other worker runs the same code and callbacks
+(saving can need every worker, and one that skipped a collective would leave the rest
+waiting) into a scratch folder of its own outside ``model_dir``
+(:func:`pneumo_models.distribute.scratch_dir`), deleted at the end; the chief's decisions
+(run complete, another run's config, its resume state and best checkpoint) reach the
+workers through collectives, so a worker needs nothing on disk to resume and no worker
+returns or fails alone.
 """
 
 from __future__ import annotations
@@ -297,7 +319,16 @@ def train(config: TrainConfig) -> dict[str, Any]:
         out.write_json("config.json", config.identity())
         out.write_text("config.flags", config_to_flagfile(
             dataclasses.replace(config, overwrite=False)))
-        return _train(config, out, m, counts, strategy, run_id)
+        try:
+            return _train(config, out, m, counts, strategy, run_id)
+        except Exception as error:
+            if not (distribute.is_multi_worker(strategy) and distribute.is_peer_failure(error)):
+                raise
+            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+            raise TrainError(
+                f"{task}: another worker of the cluster stopped or cannot be reached "
+                f"({type(error).__name__}: {first}). Start every worker again with the same "
+                f"command: the run resumes from its last finished epoch") from None
     finally:
         if chief or not opened:
             out.close()
