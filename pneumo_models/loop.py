@@ -14,7 +14,7 @@
                           num_examples=pneumo_data.eval_size(data_dir, "val"), batch_size=32)
     history = loop.fit(lambda ctx: pneumo_data.train_dataset(data_dir, batch_size=32,
                                                              input_context=ctx),
-                       steps_per_epoch=100, epochs=10, validation=val,
+                       batch_size=32, steps_per_epoch=100, epochs=10, validation=val,
                        callbacks=[keras.callbacks.CSVLogger("history.csv"), ...])
 
 Why one loop instead of ``model.fit`` where it works: with TensorFlow 2.21 / Keras
@@ -112,10 +112,10 @@ class TrainingLoop:
       strategy: from :func:`pneumo_models.distribute.make_strategy`.
       optimizer: created inside ``strategy.scope()`` (learning-rate schedules, weight
         decay and so on are the optimizer's business); default ``model.optimizer``.
-        When the model is compiled it must be compiled with this optimizer (or its
-        ``LossScaleOptimizer``), so that a saved model keeps the optimizer state, as
-        with ``fit``. A ``LossScaleOptimizer`` (Keras's choice under
-        ``mixed_float16``) scales the loss.
+        When the model is compiled it must be compiled with this optimizer, so that a
+        saved model keeps the optimizer state, as with ``fit``; when ``compile`` wrapped
+        it in a ``LossScaleOptimizer`` (Keras does under ``mixed_float16``) the loop uses
+        the wrapper, which scales the loss.
       loss: a ``keras.losses.Loss`` (its per-example ``call`` is used, so options such
         as ``label_smoothing`` apply) or a function ``(y, p) -> [B]``; default
         ``model.loss``, else binary cross-entropy. Compiled metrics are not used.
@@ -143,6 +143,8 @@ class TrainingLoop:
             raise LoopError("the model is compiled with another optimizer than the loop's; "
                             "compile it with the loop's optimizer so saved models keep its "
                             "state")
+        if compiled is not None and getattr(compiled, "inner_optimizer", None) is optimizer:
+            optimizer = compiled  # the LossScaleOptimizer Keras wrapped it in (mixed_float16)
         loss = loss if loss is not None else getattr(model, "loss", None)
         if loss is None:
             loss = keras.losses.BinaryCrossentropy()

@@ -248,6 +248,11 @@ def test_the_loop_uses_the_optimizer_and_loss_objects_it_is_given(prepared):
         other = keras.optimizers.Adam(1e-3)
     with pytest.raises(LoopError, match="compiled with another optimizer"):
         TrainingLoop(model, strategy, optimizer=other)
+    # Given the optimizer that compile wrapped for loss scaling, the loop uses the wrapper.
+    scaled = _one_device_model(strategy, optimizer=lambda: keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(0.1)))
+    inner = scaled.optimizer.inner_optimizer
+    assert TrainingLoop(scaled, strategy, optimizer=inner).optimizer is scaled.optimizer
     with pytest.raises(LoopError, match=r"shape \[\] for a batch of 2; .* one value per example"):
         TrainingLoop(model, strategy, loss=lambda y, p: keras.ops.mean(y - p))
 
