@@ -319,16 +319,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
         out.write_json("config.json", config.identity())
         out.write_text("config.flags", config_to_flagfile(
             dataclasses.replace(config, overwrite=False)))
-        try:
-            return _train(config, out, m, counts, strategy, run_id)
-        except Exception as error:
-            if not (distribute.is_multi_worker(strategy) and distribute.is_peer_failure(error)):
-                raise
-            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-            raise TrainError(
-                f"{task}: another worker of the cluster stopped or cannot be reached "
-                f"({type(error).__name__}: {first}). Start every worker again with the same "
-                f"command: the run resumes from its last finished epoch") from None
+        return _train(config, out, m, counts, strategy, run_id)
+    except Exception as error:
+        if not (distribute.is_multi_worker(strategy) and distribute.is_peer_failure(error)):
+            raise
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise TrainError(
+            f"{task}: another worker of the cluster stopped or cannot be reached "
+            f"({type(error).__name__}: {first}). Start every worker again with the same "
+            f"command: the run resumes from its last finished epoch") from None
     finally:
         if chief or not opened:
             out.close()
