@@ -135,6 +135,15 @@ run_job("train", TrainConfig, train)
 
 
 def test_two_workers_die_resume_complete_and_refuse_together(prepared_many_shards, tmp_path):
+    from pneumo_models.distribute import scratch_dir
+    try:
+        _two_workers(prepared_many_shards, tmp_path)
+    finally:  # a failed check leaves no killed worker's scratch folder behind
+        import shutil
+        shutil.rmtree(scratch_dir(tmp_path / "run", "worker-1"), ignore_errors=True)
+
+
+def _two_workers(prepared_many_shards, tmp_path):
     cluster = {"worker": [f"localhost:{free_port()}", f"localhost:{free_port()}"]}
     model_dir = tmp_path / "run"
     flags = (f"--data_dir={prepared_many_shards}", *TINY, "--strategy=multi_worker",
