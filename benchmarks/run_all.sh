@@ -30,6 +30,11 @@ else
     echo "skipping benchmarks.prepare --runners: $BEAM_PYTHON cannot import apache_beam" >&2
 fi
 python -m benchmarks.encoding --source_dir="$DATA/chest_xray_224"
+# Images/s against replicas (GPUs where present, else logical CPU devices) and tf.data service
+# workers; the fit-vs-loop cells interleaved over rounds (steadier on a shared machine).
+python -m benchmarks.scaling --source_dir="$DATA/chest_xray_224" --shard_mb=4 --rounds=2
+python -m benchmarks.scaling --source_dir="$DATA/chest_xray_224" --shard_mb=4 --sections=fit \
+    --rounds=4 --steps=16 --name=scaling-fit_vs_loop-chest_xray_224
 # Serving routes and train/serve skew need a trained, evaluated and exported model_dir
 # (README, "Serving and the edge"): MODEL_DIR=runs/cnn bash benchmarks/run_all.sh
 if [[ -n "${MODEL_DIR:-}" ]]; then

@@ -17,6 +17,7 @@ _LAZY = {
     "eval_dataset": "pneumo_data.pipeline",
     "steps_per_epoch": "pneumo_data.pipeline",
     "eval_size": "pneumo_data.pipeline",
+    "eval_shares": "pneumo_data.pipeline",
     "RandomAffine": "pneumo_data.augment",
     "augment_batch": "pneumo_data.augment",
     "PipelineConfig": "pneumo_data.config",

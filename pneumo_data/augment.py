@@ -309,6 +309,17 @@ def augment_batch(images: tf.Tensor, params: AugmentConfig, seed,
     return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
 
 
+def _per_replica(seed):
+    """``seed`` folded with the replica's id when several replicas train (tf.distribute):
+    the seed generator's state is mirrored, so without this every replica would draw the
+    same transforms for its share of the batch. One replica keeps ``seed`` unchanged."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync <= 1:
+        return seed
+    replica = tf.cast(context.replica_id_in_sync_group, tf.int64)
+    return tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), replica)
+
+
 @keras.saving.register_keras_serializable(package="pneumo")
 class RandomAffine(VectorizedBaseImageAugmentationLayer):
     """The fused augmentation as a Keras layer, active only in training: one affine warp
@@ -368,7 +379,7 @@ class RandomAffine(VectorizedBaseImageAugmentationLayer):
     def get_random_transformation_batch(self, batch_size, images=None, **kwargs):
         # Draws only: the matrix depends on each image's size, which a ragged batch
         # knows per image (augment_ragged_image), a dense one per batch.
-        return sample_draws(batch_size, self.params, self.seed_generator.next())
+        return sample_draws(batch_size, self.params, _per_replica(self.seed_generator.next()))
 
     def augment_images(self, images, transformations, **kwargs):
         return augment_float(images, transformations, self.params, self.backend)

@@ -50,9 +50,12 @@ from pneumo_data.config import AUGMENT_MODES, AugmentConfig, PipelineConfig
 
 AUTOTUNE = tf.data.AUTOTUNE
 MAX_SHUFFLE_BUFFER = 20_000
+SHARDINGS = ("input_context", "dynamic")
+EVAL_SHARDS = ("records", "files")
 
 __all__ = ["train_dataset", "train_dataset_from_config", "eval_dataset", "steps_per_epoch",
-           "eval_size", "parse_class_weights", "PipelineConfig", "AUGMENT_MODES"]
+           "eval_size", "eval_shares", "parse_class_weights", "PipelineConfig",
+           "AUGMENT_MODES"]
 
 
 def parse_class_weights(spec: str | Mapping[str, float] | None,
@@ -126,8 +129,10 @@ def _options(deterministic: bool) -> tf.data.Options:
 
 
 def _class_stream(m, label: str, config: PipelineConfig, seed, deterministic: bool,
-                  input_context) -> tf.data.Dataset:
+                  input_context, sharding: str = "input_context") -> tf.data.Dataset:
     files = m.shard_paths("train", label)
+    if sharding == "dynamic":
+        return _dynamic_class_stream(m, label, files, config, seed, deterministic)
     if input_context is not None and input_context.num_input_pipelines > 1:
         n, i = input_context.num_input_pipelines, input_context.input_pipeline_id
         if len(files) < n:
@@ -149,6 +154,52 @@ def _class_stream(m, label: str, config: PipelineConfig, seed, deterministic: bo
         ds = ds.cache(f"{cache}-{label}-{config.image_size}")
     ds = ds.shuffle(min(count, MAX_SHUFFLE_BUFFER), seed=seed, reshuffle_each_iteration=True)
     return ds.repeat()
+
+
+def _dynamic_class_stream(m, label, files, config, seed, deterministic) -> tf.data.Dataset:
+    """The class stream for tf.data service dynamic sharding (``ShardingPolicy.DYNAMIC``).
+
+    The file list is the split source: the dispatcher hands its files out one at a
+    time, round after round, to whichever worker asks, so the workers read
+    disjoint files within a round and each builds its own balanced stream from
+    them. Reading is one file at a time (a worker asks for a file only when it
+    needs one) and the shuffle buffer holds about two files, so no worker hoards a
+    round. The file order is the same every round: a ``shuffle`` of the file list
+    is not shared between the workers (each shuffles the splits it sees; measured:
+    files repeated within a round), and ``prepare`` already wrote each shard as a
+    random sample of its class. No cache: a worker's files change from round to
+    round.
+    """
+    if len(files) < 2:
+        raise UserError(
+            f"class {label!r} has {len(files)} shard file for tf.data service workers, which "
+            f"share out whole files; re-run prepare with a smaller --shard_mb (several files "
+            f"per class and worker)")
+    entries = m.shard_entries("train", label)
+    per_file = max(e["records"] for e in entries)
+    buffer = max(1, min(sum(e["records"] for e in entries), 2 * per_file, MAX_SHUFFLE_BUFFER))
+    ds = tf.data.Dataset.from_tensor_slices(files).repeat()
+    ds = ds.flat_map(tf.data.TFRecordDataset)
+    ds = ds.map(_decode_fn(m, config.image_size, False), num_parallel_calls=AUTOTUNE,
+                deterministic=deterministic)
+    return ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+
+
+def _pipeline_seed(seed: int | None, input_context) -> int | None:
+    """Input pipeline ``i`` of several (one per worker) draws from its own seed, so the
+    workers' sampling and host augmentation are not copies of one another."""
+    if seed is None or input_context is None or input_context.num_input_pipelines <= 1:
+        return seed
+    return seed + 1_000_003 * input_context.input_pipeline_id
+
+
+def _content_seed(images: tf.Tensor) -> tf.Tensor:
+    """A [2] int64 seed from a batch's pixels: tf.data service workers run the same graph
+    with the same seeds but read different files, so mixing this into a seed gives each
+    worker its own augmentation draws."""
+    sample = tf.cast(tf.reshape(images[:, ::7, ::7], [-1]), tf.int64)
+    mixed = tf.reduce_sum(sample * (tf.range(tf.size(sample, tf.int64)) * 2 + 1))
+    return tf.stack([mixed % 2_147_483_647, mixed // 2_147_483_647 % 2_147_483_647])
 
 
 def train_dataset(data_dir, *, batch_size: int = 32, image_size: int = 150,
@@ -189,9 +240,19 @@ def train_dataset(data_dir, *, batch_size: int = 32, image_size: int = 150,
 
 def train_dataset_from_config(data_dir, config: PipelineConfig, *, seed: int | None = None,
                               deterministic: bool = False, class_weights=None,
-                              input_context=None) -> tf.data.Dataset:
+                              input_context=None,
+                              sharding: str = "input_context") -> tf.data.Dataset:
     """:func:`train_dataset` driven by a :class:`PipelineConfig` (``class_weights`` given
-    here overrides the config's)."""
+    here overrides the config's).
+
+    ``sharding="dynamic"`` builds the graph for tf.data service dynamic sharding (see
+    :mod:`pneumo_data.service`): each class's files are the split source, no cache,
+    no prefetch, and ``input_context`` only sets the per-replica batch.
+    """
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
+    if sharding == "input_context":
+        seed = _pipeline_seed(seed, input_context)
     m = _open(data_dir, "train", config)
     weights = parse_class_weights(class_weights if class_weights is not None
                                   else config.class_weights, m.classes)
@@ -204,7 +265,7 @@ def train_dataset_from_config(data_dir, config: PipelineConfig, *, seed: int | N
                             f"class weight is {weight:.3f}")
         stream_seed = None if seed is None else seed + 1000 * (len(streams) + 1)
         streams.append(_class_stream(m, label, config, stream_seed, deterministic,
-                                     input_context))
+                                     input_context, sharding))
         used.append(weight)
     ds = tf.data.Dataset.sample_from_datasets(
         streams, weights=used, seed=seed, stop_on_empty_dataset=True,
@@ -217,10 +278,17 @@ def train_dataset_from_config(data_dir, config: PipelineConfig, *, seed: int | N
     if config.augment == "host":
         params = config.augmentation
         seeds = tf.data.Dataset.random(seed=seed).batch(2)
-        ds = tf.data.Dataset.zip(ds, seeds).map(
-            lambda batch, s: (augment_lib.augment_batch(batch[0], params, s), batch[1]),
-            num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-    return ds.prefetch(AUTOTUNE).with_options(_options(deterministic))
+        dynamic = sharding == "dynamic"
+
+        def augment(batch, s):
+            if dynamic:
+                s = s + _content_seed(batch[0])
+            return augment_lib.augment_batch(batch[0], params, s), batch[1]
+        ds = tf.data.Dataset.zip(ds, seeds).map(augment, num_parallel_calls=AUTOTUNE,
+                                                deterministic=deterministic)
+    if sharding != "dynamic":  # a service worker buffers by itself; a prefetch here made it
+        ds = ds.prefetch(AUTOTUNE)  # pull files ahead and images repeat sooner (measured)
+    return ds.with_options(_options(deterministic))
 
 
 def steps_per_epoch(data_dir, batch_size: int = 32) -> int:
@@ -235,12 +303,21 @@ def steps_per_epoch(data_dir, batch_size: int = 32) -> int:
 
 
 def eval_dataset(data_dir, split: str, *, batch_size: int = 32, image_size: int = 150,
-                 with_metadata: bool = False, verify_checksums: bool = True) -> tf.data.Dataset:
+                 with_metadata: bool = False, verify_checksums: bool = True,
+                 input_context: tf.distribute.InputContext | None = None,
+                 shard: str = "records") -> tf.data.Dataset:
     """Every example of ``split`` exactly once, in a fixed order, unaugmented.
 
     Yields ``(images uint8 [B,H,W,1], labels float32 [B,1])``, the last batch
     possibly smaller; with ``with_metadata`` a third element, a dict of
     ``patient_id``, ``subtype`` and ``source_path`` string tensors [B].
+
+    With an ``input_context`` (input pipeline ``i`` of ``P``) it yields only that
+    pipeline's share and ``batch_size`` is the global batch (each batch holds the
+    per-replica share): with ``shard="records"`` the examples ``i, i+P, i+2P, ...``
+    of the fixed order; with ``shard="files"`` the records of the shard files
+    ``i, i+P, ...`` (for tf.data service dynamic sharding, whose splits are files).
+    :func:`eval_shares` gives the share sizes.
     """
     config = PipelineConfig(batch_size=batch_size, image_size=image_size,
                             verify_checksums=verify_checksums)
@@ -248,11 +325,32 @@ def eval_dataset(data_dir, split: str, *, batch_size: int = 32, image_size: int 
     files = [path for label in m.classes for path in m.shard_paths(split, label)]
     if not files or m.count(split) == 0:
         raise manifest_lib.ManifestError(f"{data_dir}: split {split!r} holds no images")
-    ds = tf.data.TFRecordDataset(files, num_parallel_reads=None)
+    if shard not in EVAL_SHARDS:
+        raise ValueError(f"shard must be one of {EVAL_SHARDS}, got {shard!r}")
+    pipelines = input_context.num_input_pipelines if input_context is not None else 1
+    if shard == "files" and pipelines > 1:
+        files = files[input_context.input_pipeline_id::pipelines]
+    ds = tf.data.TFRecordDataset(tf.constant(files, tf.string, shape=[len(files)]),
+                                 num_parallel_reads=None)
+    if shard == "records" and pipelines > 1:
+        ds = ds.shard(pipelines, input_context.input_pipeline_id)
     ds = ds.map(_decode_fn(m, image_size, with_metadata), num_parallel_calls=AUTOTUNE,
                 deterministic=True)
+    if input_context is not None:
+        batch_size = input_context.get_per_replica_batch_size(batch_size)
     ds = ds.batch(batch_size, drop_remainder=False)
     return ds.prefetch(AUTOTUNE).with_options(_options(True))
+
+
+def eval_shares(data_dir, split: str, pipelines: int, shard: str = "records") -> list[int]:
+    """Examples per input pipeline of :func:`eval_dataset` with ``pipelines`` input
+    pipelines and ``shard`` (in pipeline order; they add up to :func:`eval_size`)."""
+    m = manifest_lib.load_manifest(data_dir)
+    total = m.count(split)
+    if shard == "records":
+        return [len(range(i, total, pipelines)) for i in range(pipelines)]
+    counts = [e["records"] for label in m.classes for e in m.shard_entries(split, label)]
+    return [sum(counts[i::pipelines]) for i in range(pipelines)]
 
 
 def eval_size(data_dir, split: str) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 
 import keras
@@ -94,18 +95,86 @@ class BestCheckpoint(keras.callbacks.Callback):
                  self.name)
 
 
-class Resume(keras.callbacks.Callback):
-    """Saves the whole model (optimizer and augmentation RNG state included) and the epoch
-    reached after every finished epoch, into ``resume/`` of the job's output folder."""
+class TimeBudget(keras.callbacks.Callback):
+    """Fits the run into ``minutes`` of training: at the end of the first two epochs it plans
+    how many epochs fit (at most ``epochs``; the time already spent plus the last epoch's
+    duration for each remaining one), shortens the learning-rate schedule to end on the
+    last planned step, and stops training after that epoch. The plan is fixed from the
+    second epoch on; ``plan`` is saved with the resume state so a resumed run keeps it, and
+    ``seconds`` counts the training time of earlier processes of a resumed run.
 
-    def __init__(self, out, phase: int, guard: NaNGuard, folder: str = "resume"):
+    ``agree(plan)`` returns the plan every worker of a cluster uses (the chief's), so all
+    of them stop at the same epoch.
+    """
+
+    def __init__(self, minutes: float, epochs: int, steps_per_epoch: int, schedule=None,
+                 plan: int | None = None, seconds: float = 0.0, agree=None):
+        super().__init__()
+        self.budget = minutes * 60.0
+        self.epochs, self.steps_per_epoch, self.schedule = epochs, steps_per_epoch, schedule
+        self.plan, self.seconds, self.agree = plan, float(seconds), agree or (lambda p: p)
+        self.epoch_seconds: list[float] = []
+        self._start = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        took = time.perf_counter() - self._start
+        self.seconds += took
+        self.epoch_seconds.append(took)
+        if self.budget > 0 and epoch < 2:  # plan after epochs 1 and 2 (0-based 0 and 1)
+            remaining = max(self.budget - self.seconds, 0.0)
+            planned = min(self.epochs, epoch + 1 + int(remaining // max(took, 1e-6)))
+            planned = int(self.agree(max(planned, epoch + 1)))
+            if planned != self.plan:
+                if planned < self.epochs:
+                    log.info("time budget %.1f min: epoch %d took %.0f s, %d of %d epochs fit; "
+                             "the schedule ends after epoch %d", self.budget / 60, epoch + 1,
+                             took, planned, self.epochs, planned)
+                self.plan = planned
+                if self.schedule is not None:
+                    self.schedule.set_total_steps(planned * self.steps_per_epoch)
+        if self.plan is not None and epoch + 1 >= self.plan:
+            self.model.stop_training = True
+
+    def record(self) -> dict:
+        return {"minutes": self.budget / 60.0, "epochs_planned": self.plan,
+                "training_seconds": round(self.seconds, 1),
+                "epoch_seconds": [round(s, 1) for s in self.epoch_seconds]}
+
+
+class Resume(keras.callbacks.Callback):
+    """Saves the training state after every finished epoch into ``resume/`` of the job's
+    output folder: ``model.weights.h5`` (the weights, the optimizer's variables, whatever the
+    optimizer, loss-scaling wrapper included, and the augmentation RNG state) and
+    ``state.json`` (the epoch reached, the phase, the time budget's plan and time spent).
+    The job rebuilds the model and optimizer from its config and loads this into them, so
+    what is not a variable (the optimizer's weight-decay exclusions, the schedule) comes
+    from the code, not from a saved config."""
+
+    def __init__(self, out, phase: int, guard: NaNGuard, budget: TimeBudget | None = None,
+                 folder: str = "resume"):
         super().__init__()
         self.out, self.phase, self.guard, self.folder = out, phase, guard, folder
+        self.budget = budget
 
     def on_epoch_end(self, epoch, logs=None):
         if self.guard.where is not None:
             return
         self.out.subdir(self.folder)
-        with self.out.replacing(f"{self.folder}/model.keras") as tmp:
-            self.model.save(tmp)
-        self.out.write_json(f"{self.folder}/state.json", {"epoch": epoch, "phase": self.phase})
+        with self.out.replacing(f"{self.folder}/{WEIGHTS}") as tmp:
+            # Keras wants the name to end in .weights.h5; the partial name keeps "partial".
+            named = tmp.with_name(tmp.name + ".weights.h5")
+            try:
+                self.model.save_weights(named)
+                os.replace(named, tmp)
+            finally:
+                named.unlink(missing_ok=True)
+        state = {"epoch": epoch, "phase": self.phase}
+        if self.budget is not None:
+            state.update(plan=self.budget.plan, seconds=self.budget.seconds)
+        self.out.write_json(f"{self.folder}/state.json", state)
+
+
+WEIGHTS = "model.weights.h5"

@@ -112,3 +112,30 @@ class OptimizerConfig:
         if not 0 <= self.label_smoothing < 0.5:
             raise UserError(f"--label_smoothing must be in [0, 0.5), got "
                             f"{self.label_smoothing}")
+
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
+LR_SCALING = ("none", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributeConfig:
+    """Which devices train, how the learning rate follows them, and where the input comes
+    from (see :mod:`pneumo_models.distribute`)."""
+
+    strategy: str = option(
+        "auto", "auto: one device, or MirroredStrategy over every GPU when several are visible; "
+                "one_device; mirrored (every local GPU); multi_worker "
+                "(MultiWorkerMirroredStrategy, the cluster from TF_CONFIG); tpu.",
+        choices=STRATEGIES)
+    tpu: str | None = option(None, "--strategy=tpu: the TPU's name or grpc address (default: "
+                                   "TPU_NAME, else the TPU VM the job runs on).")
+    lr_scaling: str = option(
+        "none", "none: the learning rates as given; linear: multiplied by the number of replicas "
+                "(for a --batch_size grown with the replicas; Goyal et al. 2017).",
+        choices=LR_SCALING)
+    steps_per_execution: int = option(
+        1, "Training steps per tf.function call (callbacks see one batch end per call); more "
+           "can help where steps are short (GPUs, TPUs).")
+    data_service: str | None = option(
+        None, "grpc://HOST:PORT of a tf.data service dispatcher: the training stream (and "
+              "validation) is produced by its workers (python -m pneumo_data.service).")

@@ -220,7 +220,7 @@ def load_model(path: str | os.PathLike, **kwargs) -> keras.Model:
     """
     import zipfile
 
-    from pneumo_models import layers  # noqa: F401  (registers Preprocess)
+    from pneumo_models import layers, optim  # noqa: F401  (registers Preprocess, WarmupCosine)
     path = Path(path)
     if not path.is_file():
         raise UserError(f"model file {path} does not exist")

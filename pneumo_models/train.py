@@ -10,6 +10,12 @@ r"""The training job: prepared shards (or an image folder) to a trained, exporte
     # the same run, bit for bit, on the same machine:
     python -m pneumo_models.train --data_dir=data/xray --model_dir=runs/cnn2 --seed=1 \
         --deterministic
+    # every GPU of the machine (--batch_size is the global batch), or a cluster (one
+    # process per machine, each with its TF_CONFIG), or input from a tf.data service:
+    python -m pneumo_models.train --data_dir=data/xray --model_dir=runs/cnn --batch_size=256
+    TF_CONFIG='{"cluster": {"worker": ["h1:2222", "h2:2222"]}, "task": {"type": "worker", \
+        "index": 0}}' python -m pneumo_models.train --strategy=multi_worker --data_dir=...
+    python -m pneumo_models.train --data_dir=data/xray --data_service=grpc://dispatcher:5050
 
 Writes to ``model_dir``: ``config.json`` and ``config.flags`` (the run's options, written
 once the data has been checked; a model_dir holding another run's config is refused unless
@@ -33,6 +39,22 @@ the same seed on the same machine and software end with identical weights (slowe
 pipeline's parallel stages keep their order). Across machines, TensorFlow versions or
 oneDNN/CUDA kernels, results still differ in the last bits; and a resumed run continues the
 same sequences but is not promised to be bit-identical to an uninterrupted one.
+
+Distribution (``--strategy``, see :mod:`pneumo_models.distribute`). One training loop,
+:class:`pneumo_models.loop.TrainingLoop`, runs every strategy, one device included, rather
+than ``model.fit`` where it works and a loop where it does not: ``fit`` fails under
+MultiWorkerMirroredStrategy with TensorFlow 2.21 / Keras 3.15 (keras-team/keras#20585), so
+a custom step is needed there anyway, and one code path keeps every feature of the job (class
+weights, loss scaling, metrics, callbacks, checkpoints, resume, history) identical on 1, 8 or
+64 devices and tested once. The loop takes the optimizer and loss objects :func:`_compile`
+builds, so a learning-rate schedule or label smoothing is a change there, not in the loop.
+Only the chief writes ``model_dir``. Every other worker runs the same code and callbacks
+(saving can need every worker, and one that skipped a collective would leave the rest
+waiting) into a scratch folder of its own outside ``model_dir``
+(:func:`pneumo_models.distribute.scratch_dir`), deleted at the end; the chief's decisions
+(run complete, another run's config, its resume state and best checkpoint) reach the
+workers through collectives, so a worker needs nothing on disk to resume and no worker
+returns or fails alone.
 """
 
 from __future__ import annotations
@@ -43,7 +65,6 @@ import logging
 import math
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +79,14 @@ from pneumo_data.common.errors import UserError
 from pneumo_data.common.files import file_sha256, read_json
 from pneumo_data.common.outputs import OutputDir
 from pneumo_data.config import PipelineConfig
-from pneumo_models.config import MODELS, NetworkConfig, OptimizerConfig
+from pneumo_models.config import MODELS, DistributeConfig, NetworkConfig, OptimizerConfig
 from pneumo_models.precision import JIT_CHOICES, PRECISIONS
+from pneumo_models.recipes import RECIPES
 
 log = logging.getLogger("pneumo.train")
 
 BALANCE_MODES = ("resample", "class_weight", "none")
+SHIP_CHOICES = ("last", "best")
 FINE_TUNE_PREFIX = {"vgg16": "block5", "resnet50": "conv5"}
 
 
@@ -80,7 +103,13 @@ class TrainConfig:
         None, "Image folder to prepare first (into MODEL_DIR/data). With neither this nor "
               "--data_dir: the embedded default dataset.")
     model_dir: str | None = option(None, "Output folder (default: runs/MODEL).")
-    epochs: int = option(10, "Training epochs (first phase).")
+    recipe: str = option(
+        "default", "default: bn_cnn, standardisation, affine + intensity augmentation, AdamW "
+                   "with warmup and cosine decay, label smoothing, 12 epochs, the last epoch "
+                   "shipped, a 13-minute budget; seed: the seed's manual_cnn recipe exactly. "
+                   "Options given explicitly win (see pneumo_models.recipes).",
+        choices=RECIPES)
+    epochs: int = option(12, "Training epochs (first phase).")
     fine_tune_epochs: int = option(0, "Second phase: epochs with the backbone's last block "
                                       "trainable (vgg16: block5, resnet50: conv5).")
     precision: str = option("auto", "Dtype policy; auto picks per device.", choices=PRECISIONS)
@@ -93,8 +122,16 @@ class TrainConfig:
     deterministic: bool = option(
         False, "Reproduce the run exactly with the same --seed on the same machine: fixed "
                "element order and deterministic ops (slower).")
-    early_stopping_patience: int = option(3, "Epochs without val AUC gain before stopping "
+    early_stopping_patience: int = option(0, "Epochs without val AUC gain before stopping "
                                              "(0: never stop early).")
+    ship: str = option(
+        "last", "Which weights become model.keras: last (the final epoch's, once the cosine "
+                "has ended; val AUC saturates near 1 on a split from the training batch, so "
+                "choosing on it picks noise) or best (the best val AUC, best.keras).",
+        choices=SHIP_CHOICES)
+    time_budget_minutes: float = option(
+        13.0, "Training time budget: after the first epoch the job plans as many epochs as "
+              "fit (at most --epochs) and the schedule ends on the last of them (0: none).")
     steps_per_epoch: int = option(0, "Batches per epoch (0: the train split once).")
     overwrite: bool = option(
         False, "Start over in a model_dir that holds another run of this job (only the files "
@@ -102,6 +139,14 @@ class TrainConfig:
     pipeline: PipelineConfig = group(PipelineConfig, "The training stream.")
     network: NetworkConfig = group(NetworkConfig, "The network.")
     optimizer: OptimizerConfig = group(OptimizerConfig, "The optimizer.")
+    distribution: DistributeConfig = group(DistributeConfig,
+                                           "Devices, workers and the input service.")
+
+    @classmethod
+    def resolve_given(cls, config: "TrainConfig", given) -> "TrainConfig":
+        """The recipe's values for every recipe option the user did not give."""
+        from pneumo_models import recipes
+        return recipes.resolve(config, given)
 
     def resolved_model_dir(self) -> Path:
         return Path(self.model_dir or Path("runs") / self.network.model)
@@ -113,7 +158,7 @@ class TrainConfig:
         return values
 
     def validate(self) -> None:
-        p, n, o = self.pipeline, self.network, self.optimizer
+        p, n, o, d = self.pipeline, self.network, self.optimizer, self.distribution
         for name, value in (("epochs", self.epochs), ("batch_size", p.batch_size),
                             ("image_size", p.image_size)):
             if value <= 0:
@@ -124,6 +169,11 @@ class TrainConfig:
             value = getattr(o, name)
             if not (value > 0 and math.isfinite(value)):
                 raise TrainError(f"--{name} must be a positive number, got {value}")
+        o.validate()
+        n.validate()
+        if not (self.time_budget_minutes >= 0 and math.isfinite(self.time_budget_minutes)):
+            raise TrainError(f"--time_budget_minutes must be >= 0, got "
+                             f"{self.time_budget_minutes}")
         for name in ("early_stopping_patience", "fine_tune_epochs", "steps_per_epoch"):
             if getattr(self, name) < 0:
                 raise TrainError(f"--{name} must be >= 0, got {getattr(self, name)}")
@@ -144,6 +194,18 @@ class TrainConfig:
                              "--balance=resample")
         if p.cache not in ("memory", "none") and Path(p.cache).is_dir():
             raise TrainError(f"--cache {p.cache} is a folder; give a file path prefix")
+        if d.steps_per_execution < 1:
+            raise TrainError(f"--steps_per_execution must be >= 1, got {d.steps_per_execution}")
+        if d.tpu and d.strategy != "tpu":
+            raise TrainError("--tpu names the TPU of --strategy=tpu; add --strategy=tpu")
+        if d.data_service:
+            from pneumo_data.service import service_address
+            service_address(d.data_service)  # a clear error for a malformed address
+            if self.deterministic:
+                raise TrainError(
+                    "--deterministic cannot hold with --data_service: which service worker "
+                    "reads which file, and the order batches arrive in, depend on timing. "
+                    "Drop one of the two")
 
 
 # ---------------------------------------------------------------- checks before writing
@@ -214,14 +276,22 @@ def _prepared(config: TrainConfig, out: OutputDir):
 
 # ---------------------------------------------------------------- the job
 
-def _compile(model, learning_rate: float, jit: bool):
-    import keras
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.BinaryCrossentropy(),
-        metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc"),
-                 keras.metrics.Precision(name="precision"), keras.metrics.Recall(name="recall")],
-        jit_compile=jit)
+def _compile(model, config: TrainConfig, learning_rate, jit: bool):
+    """Gives ``model`` the optimizer and loss of a training phase (created inside the
+    strategy's scope by the caller): ``learning_rate`` is a float or a schedule. The
+    training loop uses exactly these objects (``model.optimizer``, ``model.loss``), and
+    saved models keep the optimizer's state. Metrics are the loop's own."""
+    from pneumo_models import optim
+    model.compile(optimizer=optim.make_optimizer(config.optimizer, learning_rate),
+                  loss=optim.make_loss(config.optimizer), jit_compile=jit)
+
+
+def _schedule(model):
+    """The learning-rate schedule of ``model``'s optimizer, or None for a constant rate."""
+    from pneumo_models.optim import WarmupCosine
+    inner = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+    rate = getattr(inner, "_learning_rate", None)
+    return rate if isinstance(rate, WarmupCosine) else None
 
 
 def _best_so_far(history: Path, key: str = "val_auc") -> float | None:
@@ -234,7 +304,14 @@ def _best_so_far(history: Path, key: str = "val_auc") -> float | None:
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
-    """Runs the job; returns the contents of run.json."""
+    """Runs the job; returns the contents of run.json.
+
+    Under ``--strategy=multi_worker`` every worker runs this with the same config; the
+    chief writes ``model_dir`` and returns its run.json, the others train in a scratch
+    folder they delete at the end and return the same record.
+    """
+    from pneumo_models import distribute
+
     config.validate()
     if config.source_dir:  # a wrong folder fails before anything is created
         from pneumo_data.sources import presets
@@ -244,74 +321,267 @@ def train(config: TrainConfig) -> dict[str, Any]:
         from pneumo_data import manifest
         given = manifest.load_manifest(config.data_dir)
         _check_data(given, config)
-    with OutputDir(config.resolved_model_dir(), job="train") as out:
-        if _check_previous_run(out, config):
-            log.info("%s already holds this complete run; nothing to do", out.path)
-            return read_json(out.path / "run.json", "run record")
+    d = config.distribution
+    chief, task = distribute.role(d.strategy)  # TF_CONFIG checked before TensorFlow starts
+    strategy = distribute.make_strategy(d.strategy, tpu=d.tpu)
+    distribute.per_replica_batch_size(config.pipeline.batch_size, strategy)
+    model_dir = config.resolved_model_dir()
+    folder = model_dir if chief else distribute.scratch_dir(model_dir, task)
+    out = OutputDir(folder, job="train")
+    opened = False
+    try:
+        complete, error = False, None
+        try:
+            out.open()
+            opened = True
+            if chief:
+                complete = _check_previous_run(out, config)
+            else:
+                out.clear()  # a killed worker's earlier scratch: its state comes from the chief
+        except UserError as caught:
+            error = caught
+        complete, run_id = _agree(strategy, task, complete, error)
+        if complete:
+            record = read_json(out.path / "run.json", "run record") if chief else None
+            log.info("%s already holds this complete run; nothing to do", model_dir)
+            return distribute.broadcast_json(strategy, record)
+        if not chief:
+            log.info("%s: training beside the chief; scratch folder %s (deleted at the end)",
+                     task, folder)
         m = given or _prepared(config, out)
         counts = _check_data(m, config) if given is None else \
             {c: m.count("train", c) for c in m.classes}
         out.write_json("config.json", config.identity())
         out.write_text("config.flags", config_to_flagfile(
             dataclasses.replace(config, overwrite=False)))
-        return _train(config, out, m, counts)
+        return _train(config, out, m, counts, strategy, run_id)
+    except Exception as error:
+        if not (distribute.is_multi_worker(strategy) and distribute.is_peer_failure(error)):
+            raise
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise TrainError(
+            f"{task}: another worker of the cluster stopped or cannot be reached "
+            f"({type(error).__name__}: {first}). Start every worker again with the same "
+            f"command: the run resumes from its last finished epoch") from None
+    finally:
+        if chief or not opened:
+            out.close()
+        else:
+            _remove_scratch(out)
 
 
-def _train(config: TrainConfig, out: OutputDir, m, counts: dict[str, int]) -> dict[str, Any]:
+def _agree(strategy, task: str, complete: bool, error: Exception | None) -> tuple[bool, int]:
+    """Every worker learns the chief's decision (run complete?) and a run id drawn by the
+    chief, and stops when any worker failed before training (a worker that returned or
+    raised alone would leave the others waiting in a collective forever). Raises this
+    worker's own error, or a TrainError naming the failed workers."""
+    import numpy as np
+
+    from pneumo_models import distribute
+    run_id = int.from_bytes(os.urandom(6), "big")
+    mine = np.array([int(complete), int(error is not None), run_id], np.int64)
+    every = distribute.gather_over_workers(strategy, mine)
+    if error is not None:
+        raise error
+    failed = [name for name, row in zip(distribute.task_names(strategy), every) if row[1]]
+    if failed:
+        raise TrainError(f"{', '.join(failed)} stopped with an error before training (see "
+                         f"its log); {task} stops too")
+    return bool(every[0][0]), int(every[0][2])
+
+
+def _remove_scratch(out: OutputDir) -> None:
+    """Deletes a worker's scratch folder: what its ledger lists, then the folder when
+    nothing else is left in it."""
+    from pneumo_data.common.outputs import RESERVED
+    try:
+        out.clear()
+    except UserError as error:
+        log.warning("kept the scratch folder %s: %s", out.path, error)
+        out.close()
+        return
+    out.close()
+    if out.path.is_dir() and set(os.listdir(out.path)) <= RESERVED:
+        for name in os.listdir(out.path):
+            (out.path / name).unlink()
+        out.path.rmdir()
+
+
+# Files a worker needs from the chief to continue a run: the resume state, the best
+# checkpoint (fine-tuning starts from it, the final model is it) and the history (the best
+# val AUC so far, the epochs done).
+_RUN_STATE = ("resume/model.weights.h5", "resume/state.json", "resume/phase2.json", "best.keras",
+              "history.csv")
+
+
+def _share_run_state(strategy, out: OutputDir) -> None:
+    """Copies the chief's run state (``_RUN_STATE``) into every other worker's scratch
+    folder (collectives: the workers need no state of their own to resume)."""
+    import io
+    import tarfile
+
+    from pneumo_models import distribute
+    if not distribute.is_multi_worker(strategy):
+        return
+    data = None
+    if distribute.is_chief(strategy):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for name in _RUN_STATE:
+                if (out.path / name).is_file():
+                    tar.add(out.path / name, arcname=name)
+        data = buffer.getvalue()
+    data = distribute.broadcast_from_chief(strategy, data)
+    if distribute.is_chief(strategy):
+        return
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+        for member in tar.getmembers():
+            if member.name not in _RUN_STATE or not member.isfile():
+                raise TrainError(f"unexpected file {member.name!r} in the chief's run state")
+            if "/" in member.name:
+                out.subdir(member.name.split("/")[0])
+            with out.replacing(member.name) as tmp:
+                tmp.write_bytes(tar.extractfile(member).read())
+
+
+def _inputs(config: TrainConfig, data_dir, stream_weights, run_id: int):
+    """(training dataset function of (phase, first epoch), validation dataset function,
+    validation shares) for the loop: local pipelines, or the tf.data service."""
+    import pneumo_data
+    from pneumo_data import service
+    p, d = config.pipeline, config.distribution
+    stream = dataclasses.replace(p, verify_checksums=False)
+
+    def train_fn(phase: int, first_epoch: int):
+        if d.data_service:
+            # Every trainer of this run computes the same name (one shared job); a restart
+            # gets a new run id, a new phase or epoch a new job.
+            job = f"pneumo-{run_id:012x}-p{phase}-e{first_epoch}"
+            return lambda ctx: service.train_dataset_from_config(
+                data_dir, d.data_service, stream, seed=config.seed, class_weights=stream_weights,
+                job_name=job, input_context=ctx)
+        return lambda ctx: pneumo_data.train_dataset_from_config(
+            data_dir, stream, seed=config.seed, deterministic=config.deterministic,
+            class_weights=stream_weights, input_context=ctx)
+
+    if d.data_service:
+        def val_fn(ctx):
+            return service.eval_dataset(data_dir, "val", d.data_service,
+                                        batch_size=p.batch_size, image_size=p.image_size,
+                                        verify_checksums=False, input_context=ctx)
+
+        def shares(pipelines):
+            return pneumo_data.eval_shares(data_dir, "val", pipelines, shard="files")
+        return train_fn, val_fn, shares
+
+    def val_fn(ctx):
+        return pneumo_data.eval_dataset(data_dir, "val", batch_size=p.batch_size,
+                                        image_size=p.image_size, verify_checksums=False,
+                                        input_context=ctx)
+    return train_fn, val_fn, None
+
+
+def _train(config: TrainConfig, out: OutputDir, m, counts: dict[str, int], strategy,
+           run_id: int) -> dict[str, Any]:
     from pneumo_data.common.jobs import import_tensorflow
     tf = import_tensorflow()
     import keras
 
     import pneumo_data
     from pneumo_models import callbacks as cb
-    from pneumo_models import models
+    from pneumo_models import distribute, models, optim
     from pneumo_models.export import export_into_model_dir
+    from pneumo_models.loop import TrainingLoop
     from pneumo_models.precision import resolve_jit, resolve_precision
 
-    p = config.pipeline
-    precision = resolve_precision(config.precision)
-    jit = resolve_jit(config.jit_compile)
+    p, d = config.pipeline, config.distribution
+    tpu = distribute.is_tpu(strategy)
+    chief = distribute.is_chief(strategy)
+    # A TPU runs everything through XLA, natively in bfloat16.
+    precision = "mixed_bfloat16" if tpu and config.precision == "auto" else \
+        resolve_precision(config.precision)
+    jit = True if tpu else resolve_jit(config.jit_compile)
+    learning_rate = distribute.scale_learning_rate(config.optimizer.learning_rate, strategy,
+                                                   d.lr_scaling)
+    fine_tune_rate = distribute.scale_learning_rate(
+        config.optimizer.fine_tune_learning_rate, strategy, d.lr_scaling)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
     data_dir = m.data_dir
-    log.info("model %s, precision %s, XLA %s, augment %s, balance %s, deterministic %s, data %s",
-             config.network.model, precision, jit, p.augment, config.balance,
-             config.deterministic, data_dir)
-    # Keras warns at the end of every pass over the (finite) validation set; it is expected.
-    warnings.filterwarnings("ignore", message="Your input ran out of data")
+    described = distribute.describe(strategy)
+    log.info("model %s, precision %s, XLA %s, augment %s, balance %s, deterministic %s, "
+             "%s with %d replica(s), data %s%s", config.network.model, precision, jit, p.augment,
+             config.balance, config.deterministic, described["strategy"],
+             described["replicas"], data_dir,
+             f" through the tf.data service {d.data_service}" if d.data_service else "")
 
     natural = {c: n / sum(counts.values()) for c, n in counts.items()}
     stream_weights = None if config.balance == "resample" else natural
     loss_weights = None
     if config.balance == "class_weight":
         loss_weights = {i: 1.0 / (len(counts) * natural[c]) for i, c in enumerate(m.classes)}
-    train_ds = pneumo_data.train_dataset_from_config(
-        data_dir, dataclasses.replace(p, verify_checksums=False), seed=config.seed,
-        deterministic=config.deterministic, class_weights=stream_weights)
-    val_ds = pneumo_data.eval_dataset(data_dir, "val", batch_size=p.batch_size,
-                                      image_size=p.image_size, verify_checksums=False)
+    train_fn, val_fn, val_shares = _inputs(config, data_dir, stream_weights, run_id)
+    val_size = pneumo_data.eval_size(data_dir, "val")
     steps = config.steps_per_epoch or pneumo_data.steps_per_epoch(data_dir, p.batch_size)
 
+    _share_run_state(strategy, out)
     state_path = out.path / "resume" / "state.json"
-    if state_path.exists():
-        state = read_json(state_path, "resume state")
-        model = models.load_model(out.path / "resume" / "model.keras")
-        initial_epoch, phase = state["epoch"] + 1, state["phase"]
-        log.info("resuming from %s: epoch %d, phase %d", out.path / "resume", initial_epoch + 1,
-                 phase)
+    state = read_json(state_path, "resume state") if state_path.exists() else None
+    if state is not None and not (out.path / "resume" / cb.WEIGHTS).exists():
+        raise TrainError(f"{out.path / 'resume'} holds the resume state of an older version "
+                         f"of this job; pass --overwrite to start the run over")
+    phase = state["phase"] if state else 1
+    # Planned epochs of phase 1 (the time budget's plan once made, else --epochs).
+    plan = (state or {}).get("plan") or config.epochs
+    with strategy.scope():  # its length is a variable: mirrored like the model's
+        schedule = optim.schedule_for(config.optimizer, steps, plan, learning_rate)
+
+    def build(weights: str):
+        with strategy.scope():
+            model = models.build_model(
+                config.network.model, image_size=p.image_size, weights=weights,
+                augment=p.augmentation if p.augment == "device" else False,
+                augment_backend="gather" if jit else "kernel", precision=precision,
+                dropout=config.network.resolved_dropout, seed=config.seed,
+                preprocessing=config.network.resolved_preprocessing, crop=config.network.crop)
+            _compile(model, config, schedule, jit)
+        return model
+
+    if state is None:
+        model = build(config.network.weights)
+        initial_epoch = 0
     else:
-        model = models.build_model(
-            config.network.model, image_size=p.image_size, weights=config.network.weights,
-            augment=p.augmentation if p.augment == "device" else False,
-            augment_backend="gather" if jit else "kernel", precision=precision,
-            dropout=config.network.dropout, seed=config.seed)
-        _compile(model, config.optimizer.learning_rate, jit)
-        initial_epoch, phase = 0, 1
+        # The model and optimizer come from the config, as at the start (so the optimizer's
+        # weight-decay exclusions and the loss-scaling wrapper are the same objects), then
+        # every variable from the resume state.
+        model = build("none")
+        if phase == 2:
+            with strategy.scope():
+                models.unfreeze_for_fine_tuning(model, FINE_TUNE_PREFIX[config.network.model])
+                _compile(model, config, fine_tune_rate, jit)
+        with strategy.scope():
+            model.optimizer.build(model.trainable_variables)
+        model.load_weights(out.path / "resume" / cb.WEIGHTS)
+        initial_epoch = state["epoch"] + 1
+        log.info("resuming from %s: epoch %d, phase %d", out.path / "resume",
+                 initial_epoch + 1, phase)
+    budget = cb.TimeBudget(
+        config.time_budget_minutes, config.epochs, steps, schedule,
+        plan=(state or {}).get("plan"), seconds=(state or {}).get("seconds", 0.0),
+        agree=lambda planned: distribute.broadcast_json(strategy, planned))
 
     history_path = out.claim("history.csv")
     _truncate_history(out, initial_epoch)
     logs_dir = out.subdir("logs")
+
+    def loop_for(model):
+        return TrainingLoop(model, strategy, optimizer=model.optimizer, loss=model.loss,
+                            class_weight=loss_weights,
+                            steps_per_execution=d.steps_per_execution, jit_compile=jit)
+
+    validation = loop_for(model).eval_input(val_fn, num_examples=val_size,
+                                            batch_size=p.batch_size, shares=val_shares)
 
     def run_phase(phase_no: int, first: int, last: int):
         guard = cb.NaNGuard()
@@ -320,14 +590,18 @@ def _train(config: TrainConfig, out: OutputDir, m, counts: dict[str, int]) -> di
             keras.callbacks.CSVLogger(str(history_path), append=True),
             keras.callbacks.TensorBoard(str(logs_dir)),
             cb.BestCheckpoint(out, "best.keras", initial_best=_best_so_far(history_path)),
-            cb.Resume(out, phase_no, guard),
         ]
+        if phase_no == 1:
+            callbacks.append(budget)  # before Resume, which saves its plan
+        callbacks.append(cb.Resume(out, phase_no, guard, budget))
         if config.early_stopping_patience:
             callbacks.append(keras.callbacks.EarlyStopping(
                 monitor="val_auc", mode="max", patience=config.early_stopping_patience))
-        history = model.fit(train_ds, steps_per_epoch=steps, epochs=last, initial_epoch=first,
-                            validation_data=val_ds, class_weight=loss_weights, shuffle=False,
-                            callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
+        verbose = (1 if sys.stdout.isatty() else 2) if chief else 0
+        history = loop_for(model).fit(
+            train_fn(phase_no, first), batch_size=p.batch_size, steps_per_epoch=steps,
+            epochs=last, initial_epoch=first, validation=validation, callbacks=callbacks,
+            verbose=verbose)
         if guard.where is not None:
             epoch, batch, loss = guard.where
             raise TrainError(
@@ -337,36 +611,46 @@ def _train(config: TrainConfig, out: OutputDir, m, counts: dict[str, int]) -> di
         return (first + len(history.epoch)) if history.epoch else first
 
     if phase == 1:
-        done = run_phase(1, initial_epoch, config.epochs)
+        done = run_phase(1, initial_epoch, budget.plan or config.epochs)
         if config.fine_tune_epochs:
-            if (out.path / "best.keras").exists():
-                model = models.load_model(out.path / "best.keras")
-            opened = models.unfreeze_for_fine_tuning(model, FINE_TUNE_PREFIX[config.network.model])
-            log.info("fine-tuning: %d backbone layers trainable, learning rate %g", opened,
-                     config.optimizer.fine_tune_learning_rate)
-            _compile(model, config.optimizer.fine_tune_learning_rate, jit)
+            with strategy.scope():
+                if config.ship == "best" and (out.path / "best.keras").exists():
+                    model = models.load_model(out.path / "best.keras")
+                opened = models.unfreeze_for_fine_tuning(
+                    model, FINE_TUNE_PREFIX[config.network.model])
+                log.info("fine-tuning: %d backbone layers trainable, learning rate %g", opened,
+                         fine_tune_rate)
+                _compile(model, config, fine_tune_rate, jit)
             phase, initial_epoch = 2, done
             out.write_json("resume/phase2.json", {"start": done})
     if phase == 2:
         start = read_json(out.path / "resume" / "phase2.json", "resume state")["start"]
         run_phase(2, initial_epoch, start + config.fine_tune_epochs)
+    divergence = distribute.replica_divergence(strategy, model.weights)
 
     best_path = out.path / "best.keras"
-    final = models.load_model(best_path) if best_path.exists() else model
+    with strategy.scope():
+        final = models.load_model(best_path) if config.ship == "best" and \
+            best_path.exists() else model
     with out.replacing("model.keras") as tmp:
         final.save(tmp)
     export_into_model_dir(out, final, m.preprocess,
                           model_sha256=file_sha256(out.path / "model.keras"))
     out.seal("logs")
-    metrics = final.evaluate(val_ds, verbose=0, return_dict=True)
+    metrics = loop_for(final).evaluate(validation)
     run = {
-        "model": config.network.model, "precision": precision, "jit_compile": jit,
+        "model": config.network.model, "recipe": config.recipe, "ship": config.ship,
+        "precision": precision, "jit_compile": jit,
         "deterministic": config.deterministic, "seed": config.seed,
         "tensorflow": tf.__version__, "keras": keras.__version__,
+        "distribution": {**described, "steps_per_execution": d.steps_per_execution,
+                         "lr_scaling": d.lr_scaling, "learning_rate": learning_rate,
+                         "data_service": d.data_service, "replica_divergence": divergence},
         "data_dir": os.path.relpath(Path(data_dir).resolve(), out.path.resolve()),
         "data_manifest_created": m.data["created"], "train_counts": counts,
         "val_metrics": {k: float(v) for k, v in metrics.items()},
         "history": _read_history(history_path),
+        "time_budget": budget.record(),
     }
     out.write_json("run.json", run)
     out.remove("resume")

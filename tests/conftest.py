@@ -90,3 +90,22 @@ def copy_model_dir(source: Path, tmp_path_factory) -> Path:
     shutil.copytree(source, target)
     assert target.parent.parent == source.parent.parent
     return target
+
+
+@pytest.fixture(scope="session")
+def prepared_many_shards(synthetic_source, tmp_path_factory) -> Path:
+    """``synthetic_source`` at 32 px in shards of about 5 images: several files per class, as
+    multi-worker input pipelines and tf.data service workers need."""
+    from pneumo_data.prepare import PrepareConfig, prepare
+    out = tmp_path_factory.mktemp("prepared_many_shards")
+    prepare(PrepareConfig(source_dir=str(synthetic_source), output_dir=str(out),
+                          image_size=32, progress=False, shard_mb=0.005))
+    return out
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (for servers started right after)."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]

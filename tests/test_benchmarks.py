@@ -110,3 +110,17 @@ def test_serving_and_parity_smoke(trained_model_dir, synthetic_source, tmp_path_
     assert 0 < payload["files"] <= 12
     assert payload["after"]["probability"]["max_abs_diff"] <= 1e-5
     assert payload["after"]["stored_pixels"]["differ"] == 0
+
+
+def test_scaling_smoke(tmp_path, tiny_source):
+    # Two cells (each starts a TensorFlow process): 2 logical-CPU replicas, 1 service worker.
+    payload = run("benchmarks.scaling", tmp_path, tiny_source, "--sections=replicas,service",
+                  "--replicas=2", "--service_workers=1", "--steps_per_execution=1",
+                  "--image_size=32", "--batch_size=8", "--steps=2", "--warmup_steps=1",
+                  "--repeats=1", "--shard_mb=0.005")
+    cells = payload["cells"]
+    assert [(c["kind"], c.get("replicas", 1), c.get("workers", 0)) for c in cells] == [
+        ("loop", 2, 0), ("loop", 1, 1)]
+    assert not [c for c in cells if "error" in c]
+    assert all(c["rate"]["median"] > 0 for c in cells)
+    assert cells[0]["replicas_in_sync"] == 2

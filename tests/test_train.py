@@ -121,10 +121,11 @@ def test_nan_loss_stops_with_a_clear_message(prepared, tmp_path, monkeypatch):
 
     import pneumo_models.train as t
 
-    def nan_compile(model, learning_rate, jit):
-        model.compile(optimizer=keras.optimizers.SGD(learning_rate),
-                      loss=lambda y, p: keras.ops.mean(y * np.nan + p),
-                      metrics=[keras.metrics.AUC(name="auc")])
+    def nan_loss(y, p):  # one value per example, as the training loop needs
+        return keras.ops.mean(y * np.nan + p, axis=-1)
+
+    def nan_compile(model, learning_rate, jit):  # the job's optimizer and loss of a phase
+        model.compile(optimizer=keras.optimizers.SGD(learning_rate), loss=nan_loss)
     monkeypatch.setattr(t, "_compile", nan_compile)
     with pytest.raises(TrainError, match="loss became nan at epoch 1, batch 1"):
         train(small(prepared, tmp_path / "run"))

@@ -1,0 +1,265 @@
+r"""tf.data service: the servers, and pneumo's streams that run on them.
+
+Start one dispatcher and any number of workers (each command prints the address
+it listens on and runs until SIGTERM or Ctrl-C; stop the workers before the
+dispatcher)::
+
+    python -m pneumo_data.service --role=dispatcher --port=5050 --work_dir=/shared/dispatcher
+    python -m pneumo_data.service --role=worker --port=5051 \
+        --dispatcher_address=dispatcher-host:5050 --worker_host=$(hostname)
+
+then read the training stream through them::
+
+    ds = pneumo_data.service.train_dataset("data/xray", "grpc://dispatcher-host:5050",
+                                           batch_size=32, image_size=150, job_name="run-1")
+
+The data folder must be readable under the same path on every worker (a shared
+file system); the trainer opens it too, to build the graph it ships.
+
+Processing modes, and why:
+
+* **training: ``ShardingPolicy.DYNAMIC``** over a graph built for it
+  (``pipeline.train_dataset_from_config(..., sharding="dynamic")``). Each
+  class's shard files are a split source repeated round after round; the
+  dispatcher hands each file of a round to one worker, and every worker builds
+  its own balanced stream (``sample_from_datasets``) from the files it is given.
+  So the workers' streams hold different images, and an image comes back only
+  after its class's whole round has been served, as on one device. Mode OFF
+  instead runs the whole graph on every worker: with a seed every worker sends
+  the *same* stream (each image N times; measured), without one the workers
+  draw independent permutations that repeat images within a few batches. Static
+  FILE sharding cannot shard this graph (TF stops at ``sample_from_datasets``:
+  "Did not find a shardable source"; measured) and needs a fixed worker list.
+  Several trainers (multi-worker training) share one job by passing the same
+  ``job_name``: each element goes to one trainer.
+* **evaluation: ``ShardingPolicy.DYNAMIC``** over ``pipeline.eval_dataset``: its
+  source is the list of record files, each handed to one worker, so every
+  example is produced exactly once (at most once if a worker dies mid-pass);
+  batches come back in no fixed order and a worker's last batch may be short.
+  Each pass is its own anonymous job; with several trainers, each reads the
+  records of its own share of the files (``eval_dataset(input_context=...)``).
+
+What a user gives up by turning the service on:
+
+* determinism: which worker reads which file, and the order batches arrive,
+  depend on timing, so ``--deterministic`` with a seed no longer reproduces a
+  run (the seed still seeds each worker's shuffles and sampling, the same seed
+  on every worker, whose files differ; host augmentation mixes a seed taken
+  from each batch's pixels into its draws, so workers do not repeat each
+  other's transforms);
+* exact resume: an iterator reading from the service cannot be checkpointed
+  (``SaveInternal is not yet supported``); a resumed run starts a new job;
+* the cache: a worker's files change from round to round, so images are read
+  and decoded again every round (the service is for CPU-bound pipelines: host
+  augmentation, JPEG/PNG shards, many trainers);
+* granularity: a worker takes whole shard files; give each class several files
+  per worker (``prepare --shard_mb``), or rounds overlap and images repeat sooner.
+
+``take(n)`` inside a service graph would apply per worker; pneumo's graphs have
+none (the epoch length is set by the training loop's steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Mapping
+
+from pneumo_data.common.config import option
+from pneumo_data.common.errors import UserError
+
+log = logging.getLogger("pneumo.service")
+
+ROLES = ("dispatcher", "worker")
+STOP_TIMEOUT = 10
+
+
+class ServiceError(UserError):
+    """A server cannot start with these options; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceConfig:
+    """Options of ``python -m pneumo_data.service``; each field is also a flag."""
+
+    role: str = option("dispatcher", "Which server to run.", choices=ROLES)
+    port: int = option(0, "Port to listen on (0: a free port; the address is printed).")
+    dispatcher_address: str | None = option(
+        None, "worker: the dispatcher, host:port or grpc://host:port.")
+    worker_host: str = option(
+        "localhost", "worker: the host name trainers use to reach this worker (set it to the "
+                     "machine's name on a cluster).")
+    work_dir: str | None = option(
+        None, "dispatcher: journal folder; makes the dispatcher fault tolerant (restart it "
+              "with the same --port and --work_dir and its jobs and workers carry on).")
+
+    def validate(self) -> None:
+        if self.role not in ROLES:
+            raise ServiceError(f"--role must be one of {ROLES}, got {self.role!r}")
+        if not 0 <= self.port < 65536:
+            raise ServiceError(f"--port must be in 0..65535, got {self.port}")
+        if self.role == "worker":
+            if not self.dispatcher_address:
+                raise ServiceError("--role=worker needs --dispatcher_address=HOST:PORT")
+            _host_port(self.dispatcher_address)
+            if self.work_dir:
+                raise ServiceError("--work_dir is a dispatcher option")
+        elif self.dispatcher_address:
+            raise ServiceError("--dispatcher_address is a worker option")
+
+
+def _host_port(address: str) -> str:
+    """``host:port`` of ``address`` (which may start with ``grpc://``)."""
+    bare = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = bare.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ServiceError(f"address {address!r} is not HOST:PORT")
+    return bare
+
+
+def service_address(address: str) -> str:
+    """``grpc://host:port`` for ``address`` given with or without the protocol."""
+    return "grpc://" + _host_port(address)
+
+
+# ---------------------------------------------------------------- servers
+
+def start_server(config: ServiceConfig):
+    """Starts the dispatcher or worker of ``config``; returns (server, address)."""
+    config.validate()
+    import tensorflow as tf
+    service = tf.data.experimental.service
+    if config.role == "dispatcher":
+        dispatcher_config = service.DispatcherConfig(
+            port=config.port, work_dir=config.work_dir,
+            fault_tolerant_mode=bool(config.work_dir))
+        server = service.DispatchServer(dispatcher_config)
+        return server, server.target
+    worker_config = service.WorkerConfig(
+        dispatcher_address=_host_port(config.dispatcher_address), port=config.port,
+        worker_address=f"{config.worker_host}:%port%")
+    server = service.WorkerServer(worker_config)
+    return server, "grpc://" + server._address.replace("localhost", config.worker_host, 1)
+
+
+def serve(config: ServiceConfig, stop: threading.Event | None = None,
+          stop_timeout: int = STOP_TIMEOUT):
+    """Runs a server until SIGTERM/SIGINT (or ``stop`` is set).
+
+    Prints ``pneumo.service: ROLE listening on grpc://HOST:PORT`` once it is up and
+    ``pneumo.service: ROLE stopped`` at the end. The dispatcher is stopped (its
+    journal is complete after every change; an alarm, SIGALRM, ends the process if
+    stopping takes more than ``stop_timeout`` seconds). A worker is not: it holds no
+    state, and TensorFlow's ``WorkerServer.stop()`` can block, holding the GIL,
+    while tasks of abandoned jobs wait on their clients or a worker waits on a
+    dispatcher that is gone (both measured), so :func:`main` ends a worker's
+    process right away (the dispatcher notices the missing heartbeats). Returns the
+    server (dropping a worker's last reference would call ``stop()``).
+    """
+    stop = stop or threading.Event()
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+    server, address = start_server(config)
+    print(f"pneumo.service: {config.role} listening on {address}", flush=True)
+    if config.role == "dispatcher" and config.work_dir:
+        print(f"pneumo.service: journal in {config.work_dir} (fault tolerant)", flush=True)
+    while not stop.wait(0.5):
+        pass
+    if config.role == "dispatcher":
+        if main_thread:
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            signal.alarm(stop_timeout)
+        server.stop()
+        if main_thread:
+            signal.alarm(0)
+    print(f"pneumo.service: {config.role} stopped", flush=True)
+    return server
+
+
+def main(config: ServiceConfig) -> None:
+    from pneumo_data.common.jobs import import_tensorflow
+    config.validate()  # a bad option is an error before TensorFlow loads
+    import_tensorflow()
+    _server = serve(config)  # kept referenced: dropping a worker would call its stop()
+    if config.role == "worker":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # no WorkerServer.stop() (see serve)
+
+
+# ---------------------------------------------------------------- streams
+
+def train_dataset(data_dir, service: str, *, batch_size: int = 32, image_size: int = 150,
+                  class_weights: str | Mapping[str, float] | None = None,
+                  augment: str = "device", seed: int | None = None, job_name: str | None = None,
+                  input_context=None, verify_checksums: bool = True):
+    """The rebalanced training stream, produced by tf.data service workers.
+
+    Same elements as :func:`pneumo_data.pipeline.train_dataset` (uint8 images,
+    float32 labels, infinite), built for dynamic sharding (see the module
+    docstring) and read through ``service``.
+
+    Args:
+      service: the dispatcher, ``grpc://host:port`` (or ``host:port``).
+      batch_size: global batch; with ``input_context`` the batches hold the
+        per-replica share (they are formed on the workers).
+      job_name: trainers passing the same name share one job (each element goes
+        to one of them); None: a job of this reader alone.
+    """
+    from pneumo_data.config import PipelineConfig
+    config = PipelineConfig(batch_size=batch_size, image_size=image_size, augment=augment,
+                            cache="none", verify_checksums=verify_checksums)
+    return train_dataset_from_config(data_dir, service, config, seed=seed,
+                                     class_weights=class_weights, job_name=job_name,
+                                     input_context=input_context)
+
+
+def train_dataset_from_config(data_dir, service: str, config, *, seed: int | None = None,
+                              class_weights=None, job_name: str | None = None,
+                              input_context=None):
+    """:func:`train_dataset` driven by a :class:`pneumo_data.config.PipelineConfig` (its
+    cache setting does not apply: service workers do not cache)."""
+    import tensorflow as tf
+
+    from pneumo_data import pipeline
+    dataset = pipeline.train_dataset_from_config(
+        data_dir, config, seed=seed, class_weights=class_weights, input_context=input_context,
+        sharding="dynamic")
+    return dataset.apply(tf.data.experimental.service.distribute(
+        processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
+        service=service_address(service), job_name=job_name))
+
+
+def eval_dataset(data_dir, split: str, service: str, *, batch_size: int = 32,
+                 image_size: int = 150, with_metadata: bool = False,
+                 verify_checksums: bool = True, input_context=None):
+    """Every example of ``split`` once, produced by tf.data service workers.
+
+    Batches arrive in no fixed order, and each worker's last batch may be short. With an
+    ``input_context`` (input pipeline ``i`` of ``P``) only the records of the shard files
+    ``i, i+P, ...`` (see :func:`pneumo_data.pipeline.eval_shares` with ``shard="files"``),
+    in batches of the per-replica share of ``batch_size``. Each iteration is a job of its
+    own.
+    """
+    import tensorflow as tf
+
+    from pneumo_data import pipeline
+    dataset = pipeline.eval_dataset(data_dir, split, batch_size=batch_size,
+                                    image_size=image_size, with_metadata=with_metadata,
+                                    verify_checksums=verify_checksums,
+                                    input_context=input_context, shard="files")
+    return dataset.apply(tf.data.experimental.service.distribute(
+        processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
+        service=service_address(service)))
+
+
+if __name__ == "__main__":
+    from pneumo_data.common.jobs import run_job
+
+    run_job("service", ServiceConfig, main, needs_tensorflow=False)
