@@ -1,7 +1,9 @@
 r"""The training job: prepared shards (or an image folder) to a trained, exported model.
 
-    # the embedded default data, manual CNN, defaults everywhere:
+    # the embedded default data, the default recipe (bn_cnn, see pneumo_models.recipes):
     python -m pneumo_models.train --model_dir=runs/cnn
+    # the seed's recipe exactly (manual_cnn, x/255, Adam 1e-3, early stopping, best epoch):
+    python -m pneumo_models.train --recipe=seed --model_dir=runs/seed
     # real data, prepared on the way (a no-op when already prepared):
     python -m pneumo_models.train --source_dir=chest_xray --model=vgg16 --fine_tune_epochs=3 \
         --model_dir=runs/vgg16
@@ -20,12 +22,16 @@ r"""The training job: prepared shards (or an image folder) to a trained, exporte
 Writes to ``model_dir``: ``config.json`` and ``config.flags`` (the run's options, written
 once the data has been checked; a model_dir holding another run's config is refused unless
 ``--overwrite``), ``history.csv``, ``logs/`` (TensorBoard), ``best.keras`` (best val AUC),
-``model.keras`` (the final model, the best weights), ``export/saved_model/`` (the serving
+``model.keras`` (the shipped model: the last epoch's weights, or with ``--ship=best`` the
+best val AUC's), ``export/saved_model/`` (the serving
 SavedModel of :mod:`pneumo_models.export`, threshold 0.5 until ``python -m
 pneumo_models.export --threshold_from=...`` re-exports it; ``export/`` is that job's folder),
 ``data/`` (with ``--source_dir`` or the embedded data) and ``run.json``
 (resolved precision and XLA, data identity, final val metrics; written last, it marks the run
-complete). The folder is locked while the job runs, and a ledger lists what the job wrote:
+complete; it records the recipe, the time budget's plan and the epochs' durations). The
+default recipe has a 13-minute training budget (``--time_budget_minutes``): after the first
+and second epochs the job plans how many of ``--epochs`` fit and shortens the cosine so it
+still ends on the last of them. The folder is locked while the job runs, and a ledger lists what the job wrote:
 the job never deletes or rewrites anything else, and ``--overwrite`` replaces only its own
 files. A killed run continues from its last finished epoch when started again with the same
 options; a complete run is not trained again.
@@ -169,8 +175,11 @@ class TrainConfig:
             value = getattr(o, name)
             if not (value > 0 and math.isfinite(value)):
                 raise TrainError(f"--{name} must be a positive number, got {value}")
-        o.validate()
-        n.validate()
+        try:
+            o.validate()
+            n.validate()
+        except UserError as error:
+            raise TrainError(str(error)) from None
         if not (self.time_budget_minutes >= 0 and math.isfinite(self.time_budget_minutes)):
             raise TrainError(f"--time_budget_minutes must be >= 0, got "
                              f"{self.time_budget_minutes}")

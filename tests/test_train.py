@@ -124,7 +124,7 @@ def test_nan_loss_stops_with_a_clear_message(prepared, tmp_path, monkeypatch):
     def nan_loss(y, p):  # one value per example, as the training loop needs
         return keras.ops.mean(y * np.nan + p, axis=-1)
 
-    def nan_compile(model, learning_rate, jit):  # the job's optimizer and loss of a phase
+    def nan_compile(model, config, learning_rate, jit):  # the job's optimizer and loss
         model.compile(optimizer=keras.optimizers.SGD(learning_rate), loss=nan_loss)
     monkeypatch.setattr(t, "_compile", nan_compile)
     with pytest.raises(TrainError, match="loss became nan at epoch 1, batch 1"):
@@ -240,3 +240,83 @@ def test_job_output_is_quiet(prepared, tmp_path):
     for noise in ("cuInit", "absl::InitializeLog", "oneDNN", "cuda drivers", "shuffle=True",
                   "contains input name", "Traceback", "INFO absl", "fingerprint"):
         assert noise not in proc.stderr + proc.stdout, noise
+
+
+def test_resume_restores_the_optimizer_state_under_mixed_float16(prepared, tmp_path,
+                                                                  monkeypatch):
+    """The loss-scaling wrapper, AdamW's step count, moments and weight-decay exclusions and
+    the schedule survive a kill: the resumed run continues the optimizer, not a fresh one."""
+    out = tmp_path / "run"
+    config = small(prepared, out, epochs=3, precision="mixed_float16")
+    import pneumo_models.callbacks as cb
+    code = (
+        "import os, signal\n"
+        "from pneumo_data.common.config import with_leaves\n"
+        "import pneumo_models.callbacks as cb\n"
+        "import pneumo_models.train as t\n"
+        "original = cb.Resume.on_epoch_end\n"
+        "def killer(self, epoch, logs=None):\n"
+        "    original(self, epoch, logs)\n"
+        "    if epoch == 1:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "cb.Resume.on_epoch_end = killer\n"
+        f"t.train(with_leaves(t.TrainConfig(), **{leaves(config)!r}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    seen = {}
+    original = cb.Throughput.on_epoch_begin
+
+    def spy(self, epoch, logs=None):
+        if "iterations" not in seen:
+            wrapper = self.model.optimizer
+            inner = wrapper.inner_optimizer
+            seen.update(
+                wrapper=type(wrapper).__name__, inner=type(inner).__name__,
+                iterations=int(inner.iterations.numpy()),
+                moments=float(sum(np.abs(v.numpy()).sum() for v in inner.variables[1:])),
+                excluded=inner._exclude_from_weight_decay_pattern is not None,
+                rate=float(inner._learning_rate(inner.iterations)))
+        original(self, epoch, logs)
+    monkeypatch.setattr(cb.Throughput, "on_epoch_begin", spy)
+    train(config)
+    assert seen["wrapper"] == "LossScaleOptimizer" and seen["inner"] == "AdamW"
+    assert seen["iterations"] == 2 * 3  # two epochs of three steps before the kill
+    assert seen["moments"] > 0 and seen["excluded"]
+    from pneumo_models import optim
+    expected = optim.schedule_for(config.optimizer, 3, 3)(6)
+    assert seen["rate"] == pytest.approx(float(expected), rel=1e-5)
+    assert epochs_in(out / "history.csv") == [0, 1, 2]
+
+
+def test_time_budget_plans_the_epochs_that_fit_and_ends_the_schedule_on_them(prepared,
+                                                                             tmp_path):
+    # A budget smaller than one epoch: one epoch is planned, the cosine ends on its last step.
+    run = train(small(prepared, tmp_path / "run", epochs=4, time_budget_minutes=1e-4))
+    assert epochs_in(tmp_path / "run" / "history.csv") == [0]
+    budget = run["time_budget"]
+    assert budget["epochs_planned"] == 1 and len(budget["epoch_seconds"]) == 1
+    assert budget["training_seconds"] > 0
+    # no budget: every epoch runs
+    run = train(small(prepared, tmp_path / "free", epochs=3, time_budget_minutes=0))
+    assert epochs_in(tmp_path / "free" / "history.csv") == [0, 1, 2]
+    assert run["time_budget"]["epochs_planned"] is None
+
+
+def test_ship_last_or_best(prepared, tmp_path):
+    import keras
+
+    from pneumo_models.models import load_model
+    for ship in ("last", "best"):
+        out = tmp_path / ship
+        run = train(small(prepared, out, epochs=3, ship=ship))
+        final = load_model(out / "model.keras").get_weights()
+        best = load_model(out / "best.keras").get_weights()
+        same_as_best = all(np.array_equal(a, b) for a, b in zip(final, best))
+        aucs = [row["val_auc"] for row in run["history"]]
+        if ship == "best":
+            assert same_as_best
+        elif int(np.argmax(aucs)) != len(aucs) - 1:  # the last epoch was not the best
+            assert not same_as_best
+        assert run["ship"] == ship
+    keras.backend.clear_session()
