@@ -23,18 +23,18 @@ Writes to ``model_dir``: ``config.json`` and ``config.flags`` (the run's options
 once the data has been checked; a model_dir holding another run's config is refused unless
 ``--overwrite``), ``history.csv``, ``logs/`` (TensorBoard), ``best.keras`` (best val AUC),
 ``model.keras`` (the shipped model: the last epoch's weights, or with ``--ship=best`` the
-best val AUC's), ``export/saved_model/`` (the serving
-SavedModel of :mod:`pneumo_models.export`, threshold 0.5 until ``python -m
-pneumo_models.export --threshold_from=...`` re-exports it; ``export/`` is that job's folder),
-``data/`` (with ``--source_dir`` or the embedded data) and ``run.json``
-(resolved precision and XLA, data identity, final val metrics; written last, it marks the run
-complete; it records the recipe, the time budget's plan and the epochs' durations). The
-default recipe has a 13-minute training budget (``--time_budget_minutes``): after the first
-and second epochs the job plans how many of ``--epochs`` fit and shortens the cosine so it
-still ends on the last of them. The folder is locked while the job runs, and a ledger lists what the job wrote:
-the job never deletes or rewrites anything else, and ``--overwrite`` replaces only its own
-files. A killed run continues from its last finished epoch when started again with the same
-options; a complete run is not trained again.
+best val AUC's), ``export/saved_model/`` (the serving SavedModel of
+:mod:`pneumo_models.export`, threshold 0.5 until ``python -m pneumo_models.export
+--threshold_from=...`` re-exports it; ``export/`` is that job's folder), ``data/`` (with
+``--source_dir`` or the embedded data) and ``run.json`` (resolved precision and XLA, data
+identity, final val metrics; written last, it marks the run complete; it records the recipe,
+the time budget's plan and the epochs' durations). The default recipe has a 13-minute
+training budget (``--time_budget_minutes``): after the first and second epochs the job plans
+how many of ``--epochs`` fit and shortens the cosine so it still ends on the last of them.
+The folder is locked while the job runs, and a ledger lists what the job wrote: the job
+never deletes or rewrites anything else, and ``--overwrite`` replaces only its own files. A
+killed run continues from its last finished epoch when started again with the same options;
+a complete run is not trained again.
 
 Reproducibility: ``--seed`` fixes the initial weights, the class sampling and shuffling seeds
 and the augmentation draws. Without ``--deterministic`` parallel stages of the input pipeline
