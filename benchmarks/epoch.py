@@ -65,11 +65,15 @@ def pneumo_recipe(data_dir: str, size: int, batch: int, steps: int, epochs: int)
     import pneumo_data
     from pneumo_models.models import build_model
     from pneumo_models.precision import resolve_jit, resolve_precision
+    from pneumo_models.recipes import train_config
     from pneumo_models.train import _compile
     policy, jit = resolve_precision("auto"), resolve_jit("auto")
+    # The seed's recipe, as the old one: affine augmentation only, x/255, Adam 1e-3.
+    seed = train_config("seed")
     model = build_model("manual_cnn", image_size=size, weights="none", precision=policy,
+                        augment=seed.pipeline.augmentation, preprocessing="unit",
                         augment_backend="gather" if jit else "kernel", seed=0)
-    _compile(model, 1e-3, jit)
+    _compile(model, seed, 1e-3, jit)
     stream = pneumo_data.train_dataset(data_dir, batch_size=batch, image_size=size)
     timer = _EpochTimer()
     cb = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, l: timer.begin(),

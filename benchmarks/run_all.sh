@@ -11,9 +11,9 @@ python -m benchmarks.epoch --source_dir="$DATA/chest_xray_fullres" --plot
 python -m benchmarks.epoch --source_dir="$DATA/chest_xray_224" --plot
 # The full model x precision x XLA matrix takes hours on a 2-core CPU; these two runs
 # cover it where it matters there (drop the flags on a GPU box to time everything).
-python -m benchmarks.train_step --source_dir="$DATA/chest_xray_224" --models=manual_cnn \
+python -m benchmarks.train_step --source_dir="$DATA/chest_xray_224" --models=bn_cnn,manual_cnn \
     --precisions=float32,mixed_bfloat16,mixed_float16 --jit=false,true --steps=3 --repeats=2 \
-    --warmup_steps=1 --plot --name=train_step-manual_cnn-chest_xray_224
+    --warmup_steps=1 --plot --name=train_step-small-chest_xray_224
 python -m benchmarks.train_step --source_dir="$DATA/chest_xray_224" --models=vgg16,resnet50 \
     --precisions=float32,mixed_bfloat16 --jit=false --steps=2 --repeats=2 --warmup_steps=1 \
     --plot --name=train_step-backbones-chest_xray_224

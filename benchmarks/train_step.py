@@ -23,7 +23,8 @@ from absl import app, flags
 
 from benchmarks import common
 
-flags.DEFINE_list("models", ["manual_cnn", "vgg16", "resnet50"], "Models to time.")
+flags.DEFINE_list("models", ["bn_cnn", "manual_cnn", "vgg16", "resnet50"],
+                  "Models to time.")
 flags.DEFINE_list("precisions", ["float32", "mixed_bfloat16", "mixed_float16"],
                   "Dtype policies to time.")
 flags.DEFINE_list("jit", ["false", "true"], "XLA settings to time.")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
 
 import keras
@@ -146,12 +147,14 @@ class TimeBudget(keras.callbacks.Callback):
 
 class Resume(keras.callbacks.Callback):
     """Saves the training state after every finished epoch into ``resume/`` of the job's
-    output folder: ``model.weights.h5`` (the weights, the optimizer's variables, whatever the
-    optimizer, loss-scaling wrapper included, and the augmentation RNG state) and
-    ``state.json`` (the epoch reached, the phase, the time budget's plan and time spent).
-    The job rebuilds the model and optimizer from its config and loads this into them, so
-    what is not a variable (the optimizer's weight-decay exclusions, the schedule) comes
-    from the code, not from a saved config."""
+    output folder: ``model-pP-eE.weights.h5`` (the weights, the optimizer's variables,
+    whatever the optimizer, loss-scaling wrapper included, and the augmentation RNG state),
+    then ``state.json`` naming it (the epoch reached, the phase, the time budget's plan and
+    time spent), then the previous epoch's file is deleted: a kill at any point leaves a
+    state.json whose weights file is complete and of the epoch it names. The job rebuilds
+    the model and optimizer from its config and loads the file into them, so what is not a
+    variable (the optimizer's weight-decay exclusions, the schedule) comes from the code,
+    not from a saved config."""
 
     def __init__(self, out, phase: int, guard: NaNGuard, budget: TimeBudget | None = None,
                  folder: str = "resume"):
@@ -163,7 +166,8 @@ class Resume(keras.callbacks.Callback):
         if self.guard.where is not None:
             return
         self.out.subdir(self.folder)
-        with self.out.replacing(f"{self.folder}/{WEIGHTS}") as tmp:
+        name = weights_name(self.phase, epoch)
+        with self.out.replacing(f"{self.folder}/{name}") as tmp:
             # Keras wants the name to end in .weights.h5; the partial name keeps "partial".
             named = tmp.with_name(tmp.name + ".weights.h5")
             try:
@@ -171,10 +175,17 @@ class Resume(keras.callbacks.Callback):
                 os.replace(named, tmp)
             finally:
                 named.unlink(missing_ok=True)
-        state = {"epoch": epoch, "phase": self.phase}
+        state = {"epoch": epoch, "phase": self.phase, "weights": name}
         if self.budget is not None:
             state.update(plan=self.budget.plan, seconds=self.budget.seconds)
         self.out.write_json(f"{self.folder}/state.json", state)
+        for old in sorted((self.out.path / self.folder).glob("model-*.weights.h5")):
+            if old.name != name and self.out.owns(f"{self.folder}/{old.name}"):
+                self.out.remove(f"{self.folder}/{old.name}")
 
 
-WEIGHTS = "model.weights.h5"
+WEIGHTS_PATTERN = re.compile(r"model-p\d+-e\d+\.weights\.h5")
+
+
+def weights_name(phase: int, epoch: int) -> str:
+    return f"model-p{phase}-e{epoch}.weights.h5"

@@ -5,10 +5,10 @@
   scales and offsets (``bias``, ``gamma``, ``beta``) are excluded. ``adam``: plain Adam.
 * :class:`WarmupCosine`: linear warmup from ``floor x peak`` to ``peak`` over the warmup
   steps, then either a cosine down to ``floor x peak`` at the last training step or the peak
-  held (``constant``). Its length is a variable, so the training job can fix the number of
-  epochs after the first one (its time budget) and the cosine still ends at its floor on the
-  last step; the value is saved with the optimizer (the schedule's config), so a resumed run
-  keeps it.
+  held (``constant``). Its length is a variable, so the training job's time budget can
+  shorten it after the first epochs and the cosine still ends at its floor on the last step
+  (the warmup takes at most half of the steps); the job saves the plan with its resume state
+  and rebuilds the same schedule when it resumes.
 * The loss: binary cross-entropy with ``label_smoothing`` (targets 0 and 1 become
   ``s/2`` and ``1 - s/2``).
 """
@@ -31,7 +31,9 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
 
     Args:
       peak: the learning rate after the warmup.
-      warmup_steps: steps of linear warmup from ``floor * peak`` to ``peak`` (0: none).
+      warmup_steps: steps of linear warmup from ``floor * peak`` to ``peak`` (0: none); at
+        most half of ``total_steps`` is used (a run shortened by a time budget still
+        anneals).
       total_steps: training steps in all; with ``shape="cosine"`` the rate reaches
         ``floor * peak`` at step ``total_steps - 1`` (the last update) and stays there.
         Change it with :meth:`set_total_steps` (e.g. once a time budget is known).
@@ -60,18 +62,24 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
             raise ValueError(f"total_steps must be positive, got {total_steps}")
         self._total.assign(int(total_steps))
 
+    def effective_warmup(self, total_steps: int | None = None) -> int:
+        """The warmup used for ``total_steps`` (default: the current length)."""
+        total = self.total_steps if total_steps is None else total_steps
+        return min(self.warmup_steps, total // 2)
+
     def __call__(self, step):
         step = tf.cast(step, tf.float32)
         low = self.peak * self.floor
-        warmup = float(self.warmup_steps)
+        total = tf.cast(self._total, tf.float32)
+        warmup = tf.minimum(float(self.warmup_steps), tf.floor(total / 2.0))
         if self.warmup_steps:
-            rising = low + (self.peak - low) * step / warmup
+            rising = low + (self.peak - low) * step / tf.maximum(warmup, 1.0)
         else:
             rising = tf.constant(self.peak)
         if self.shape == "constant":
             after = tf.constant(self.peak)
         else:
-            span = tf.maximum(tf.cast(self._total, tf.float32) - 1.0 - warmup, 1.0)
+            span = tf.maximum(total - 1.0 - warmup, 1.0)
             progress = tf.clip_by_value((step - warmup) / span, 0.0, 1.0)
             after = low + (self.peak - low) * 0.5 * (1.0 + tf.cos(math.pi * progress))
         return tf.where(step < warmup, rising, after)
@@ -87,7 +95,7 @@ def schedule_for(config: OptimizerConfig, steps_per_epoch: int, epochs: int,
     """The config's schedule for ``epochs`` epochs of ``steps_per_epoch`` steps."""
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
     total = max(1, epochs * steps_per_epoch)
-    return WarmupCosine(learning_rate or config.learning_rate, min(warmup, total), total,
+    return WarmupCosine(learning_rate or config.learning_rate, warmup, total,
                         config.lr_floor, config.schedule)
 
 

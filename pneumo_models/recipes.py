@@ -75,6 +75,8 @@ def recipe_values(recipe: str, model: str | None = None) -> dict[str, Any]:
     values = dict(_DEFAULT if recipe == "default" else _SEED)
     if model is not None:
         values["model"] = model
+    if recipe == "seed" and values["model"] not in ("bn_cnn", "manual_cnn"):
+        values["preprocessing"] = "auto"  # the backbones take their ImageNet preprocessing
     if recipe == "default":
         if values["model"] not in NETWORK_RECIPE:
             raise UserError(f"unknown model {values['model']!r}; choose one of "

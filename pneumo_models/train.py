@@ -136,8 +136,9 @@ class TrainConfig:
                 "choosing on it picks noise) or best (the best val AUC, best.keras).",
         choices=SHIP_CHOICES)
     time_budget_minutes: float = option(
-        13.0, "Training time budget: after the first epoch the job plans as many epochs as "
-              "fit (at most --epochs) and the schedule ends on the last of them (0: none).")
+        13.0, "Training time budget: after the first and second epochs the job plans as "
+              "many epochs as fit (at most --epochs) and the schedule ends on the last of "
+              "them (0: none).")
     steps_per_epoch: int = option(0, "Batches per epoch (0: the train split once).")
     overwrite: bool = option(
         False, "Start over in a model_dir that holds another run of this job (only the files "
@@ -295,13 +296,6 @@ def _compile(model, config: TrainConfig, learning_rate, jit: bool):
                   loss=optim.make_loss(config.optimizer), jit_compile=jit)
 
 
-def _schedule(model):
-    """The learning-rate schedule of ``model``'s optimizer, or None for a constant rate."""
-    from pneumo_models.optim import WarmupCosine
-    inner = getattr(model.optimizer, "inner_optimizer", model.optimizer)
-    rate = getattr(inner, "_learning_rate", None)
-    return rate if isinstance(rate, WarmupCosine) else None
-
 
 def _best_so_far(history: Path, key: str = "val_auc") -> float | None:
     if not history.exists():
@@ -416,11 +410,16 @@ def _remove_scratch(out: OutputDir) -> None:
         out.path.rmdir()
 
 
-# Files a worker needs from the chief to continue a run: the resume state, the best
-# checkpoint (fine-tuning starts from it, the final model is it) and the history (the best
-# val AUC so far, the epochs done).
-_RUN_STATE = ("resume/model.weights.h5", "resume/state.json", "resume/phase2.json", "best.keras",
-              "history.csv")
+# Files a worker needs from the chief to continue a run: the resume state (and the weights
+# file it names), the best checkpoint (fine-tuning can start from it, the final model can be
+# it) and the history (the best val AUC so far, the epochs done).
+_RUN_STATE = ("resume/state.json", "resume/phase2.json", "best.keras", "history.csv")
+
+
+def _is_run_state(name: str) -> bool:
+    from pneumo_models.callbacks import WEIGHTS_PATTERN
+    return name in _RUN_STATE or (name.startswith("resume/") and
+                                  WEIGHTS_PATTERN.fullmatch(name[len("resume/"):]) is not None)
 
 
 def _share_run_state(strategy, out: OutputDir) -> None:
@@ -436,8 +435,12 @@ def _share_run_state(strategy, out: OutputDir) -> None:
     if distribute.is_chief(strategy):
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w") as tar:
-            for name in _RUN_STATE:
-                if (out.path / name).is_file():
+            names = list(_RUN_STATE)
+            state = out.path / "resume" / "state.json"
+            if state.is_file():
+                names.append(f"resume/{read_json(state, 'resume state').get('weights')}")
+            for name in names:
+                if _is_run_state(name) and (out.path / name).is_file():
                     tar.add(out.path / name, arcname=name)
         data = buffer.getvalue()
     data = distribute.broadcast_from_chief(strategy, data)
@@ -445,7 +448,7 @@ def _share_run_state(strategy, out: OutputDir) -> None:
         return
     with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
         for member in tar.getmembers():
-            if member.name not in _RUN_STATE or not member.isfile():
+            if not _is_run_state(member.name) or not member.isfile():
                 raise TrainError(f"unexpected file {member.name!r} in the chief's run state")
             if "/" in member.name:
                 out.subdir(member.name.split("/")[0])
@@ -537,14 +540,18 @@ def _train(config: TrainConfig, out: OutputDir, m, counts: dict[str, int], strat
     _share_run_state(strategy, out)
     state_path = out.path / "resume" / "state.json"
     state = read_json(state_path, "resume state") if state_path.exists() else None
-    if state is not None and not (out.path / "resume" / cb.WEIGHTS).exists():
+    weights_file = out.path / "resume" / str((state or {}).get("weights"))
+    if state is not None and not (cb.WEIGHTS_PATTERN.fullmatch(weights_file.name) and
+                                  weights_file.is_file()):
         raise TrainError(f"{out.path / 'resume'} holds the resume state of an older version "
-                         f"of this job; pass --overwrite to start the run over")
+                         f"of this job, or its weights file is missing; pass --overwrite to "
+                         f"start the run over")
     phase = state["phase"] if state else 1
-    # Planned epochs of phase 1 (the time budget's plan once made, else --epochs).
-    plan = (state or {}).get("plan") or config.epochs
+    # The time budget's plan as saved (it is final from the second epoch on).
+    plan = (state or {}).get("plan")
     with strategy.scope():  # its length is a variable: mirrored like the model's
-        schedule = optim.schedule_for(config.optimizer, steps, plan, learning_rate)
+        schedule = optim.schedule_for(config.optimizer, steps, plan or config.epochs,
+                                      learning_rate)
 
     def build(weights: str):
         with strategy.scope():
@@ -571,7 +578,7 @@ def _train(config: TrainConfig, out: OutputDir, m, counts: dict[str, int], strat
                 _compile(model, config, fine_tune_rate, jit)
         with strategy.scope():
             model.optimizer.build(model.trainable_variables)
-        model.load_weights(out.path / "resume" / cb.WEIGHTS)
+        model.load_weights(weights_file)
         initial_epoch = state["epoch"] + 1
         log.info("resuming from %s: epoch %d, phase %d", out.path / "resume",
                  initial_epoch + 1, phase)
@@ -619,8 +626,13 @@ def _train(config: TrainConfig, out: OutputDir, m, counts: dict[str, int], strat
                 f"kept in {out.path / 'resume'} (pass --overwrite to start over).")
         return (first + len(history.epoch)) if history.epoch else first
 
+    finished = bool((state or {}).get("finished"))
     if phase == 1:
-        done = run_phase(1, initial_epoch, budget.plan or config.epochs)
+        # The budget stops the run at its plan; a plan saved after the first epoch only may
+        # still change at the second, so the loop runs to --epochs unless the plan is final.
+        last = plan if plan and (initial_epoch >= 2 or initial_epoch >= plan) else config.epochs
+        done = initial_epoch if finished else run_phase(1, initial_epoch, last)
+        _mark_finished(out)
         if config.fine_tune_epochs:
             with strategy.scope():
                 if config.ship == "best" and (out.path / "best.keras").exists():
@@ -634,7 +646,9 @@ def _train(config: TrainConfig, out: OutputDir, m, counts: dict[str, int], strat
             out.write_json("resume/phase2.json", {"start": done})
     if phase == 2:
         start = read_json(out.path / "resume" / "phase2.json", "resume state")["start"]
-        run_phase(2, initial_epoch, start + config.fine_tune_epochs)
+        if not (finished and state["phase"] == 2):
+            run_phase(2, initial_epoch, start + config.fine_tune_epochs)
+        _mark_finished(out)
     divergence = distribute.replica_divergence(strategy, model.weights)
 
     best_path = out.path / "best.keras"
@@ -668,6 +682,16 @@ def _train(config: TrainConfig, out: OutputDir, m, counts: dict[str, int], strat
     return run
 
 
+def _mark_finished(out: OutputDir) -> None:
+    """Records in the resume state that its phase ended (its last epoch, or early stopping),
+    so a run killed after that point does not train that phase again."""
+    path = out.path / "resume" / "state.json"
+    if path.exists():
+        state = read_json(path, "resume state")
+        if not state.get("finished"):
+            out.write_json("resume/state.json", {**state, "finished": True})
+
+
 def run_data_dir(model_dir: str | os.PathLike, run: dict[str, Any]) -> Path | None:
     """The data_dir a run was trained on (run.json records it relative to the model_dir)."""
     recorded = run.get("data_dir")
@@ -680,11 +704,28 @@ def run_data_dir(model_dir: str | os.PathLike, run: dict[str, Any]) -> Path | No
 def load_run_config(model_dir: str | os.PathLike) -> TrainConfig:
     """The TrainConfig a model_dir was trained with (from its config.json)."""
     data = read_json(Path(model_dir) / "config.json", "run config")
+    missing = _missing_keys(TrainConfig().identity(), data)
+    if missing:  # written by an older version: defaults would stand in for what it used
+        raise TrainError(f"{model_dir}/config.json was written by an older version of the "
+                         f"training job (no {', '.join(missing[:5])}); its options cannot be "
+                         f"read back exactly")
     try:
         return config_from_dict(TrainConfig, data)
     except (TypeError, ValueError) as error:
         raise TrainError(f"{model_dir}/config.json does not match this version's options "
                          f"({error})") from None
+
+
+def _missing_keys(reference: dict, data: Any, prefix: str = "") -> list[str]:
+    if not isinstance(data, dict):
+        return [prefix.rstrip(".") or "(not an object)"]
+    out = []
+    for key, value in reference.items():
+        if key not in data:
+            out.append(prefix + key)
+        elif isinstance(value, dict):
+            out += _missing_keys(value, data[key], f"{prefix}{key}.")
+    return out
 
 
 def _truncate_history(out: OutputDir, first_epoch: int) -> None:

@@ -89,3 +89,15 @@ def test_label_smoothing_moves_the_targets():
 def test_bad_optimizer_options(kwargs, message):
     with pytest.raises(UserError, match=message):
         OptimizerConfig(**kwargs).validate()
+
+
+def test_a_run_shortened_below_twice_the_warmup_still_anneals():
+    s = optim.WarmupCosine(1e-3, warmup_steps=30, total_steps=300, floor=0.01)
+    assert s.effective_warmup() == 30
+    s.set_total_steps(20)  # a time budget left fewer steps than the warmup
+    assert s.effective_warmup() == 10
+    got = rates(s, [0, 10, 19])
+    np.testing.assert_allclose(got, [1e-5, 1e-3, 1e-5], rtol=1e-5)
+    # built directly at the short length: the same curve (a resumed run rebuilds it so)
+    again = optim.WarmupCosine(1e-3, warmup_steps=30, total_steps=20, floor=0.01)
+    np.testing.assert_allclose(rates(again, range(20)), rates(s, range(20)), rtol=1e-6)

@@ -55,3 +55,9 @@ def test_unknown_recipe_is_a_clear_error():
         recipes.recipe_values("fast")
     with pytest.raises(flags.IllegalFlagValueError):
         parse("--recipe=fast")
+
+
+def test_seed_recipe_with_a_backbone_keeps_its_imagenet_preprocessing():
+    c = parse("--recipe=seed", "--model=vgg16")
+    assert c.network.resolved_preprocessing == "caffe"
+    c.validate()

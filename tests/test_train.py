@@ -320,3 +320,56 @@ def test_ship_last_or_best(prepared, tmp_path):
             assert not same_as_best
         assert run["ship"] == ship
     keras.backend.clear_session()
+
+
+def test_a_phase_that_stopped_early_is_not_trained_again_after_a_kill(prepared, tmp_path):
+    """Early stopping ended phase 1 after its first epoch; the job was killed while saving
+    the final model. The resumed job finishes that run; it does not train more epochs."""
+    out = tmp_path / "run"
+    config = small(prepared, out, epochs=4, early_stopping_patience=1)
+    code = (
+        "import os, signal\n"
+        "import keras\n"
+        "from pneumo_data.common.config import with_leaves\n"
+        "import pneumo_models.train as t\n"
+        "def stop(self, epoch, logs=None):\n"
+        "    self.model.stop_training = True\n"
+        "keras.callbacks.EarlyStopping.on_epoch_end = stop\n"
+        "import pneumo_models.export as e\n"
+        "def killer(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "e.export_into_model_dir = killer\n"
+        f"t.train(with_leaves(t.TrainConfig(), **{leaves(config)!r}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    state = json.loads((out / "resume" / "state.json").read_text())
+    assert state["finished"] and state["epoch"] == 0
+    assert sorted(p.name for p in (out / "resume").glob("*.weights.h5")) == \
+        ["model-p1-e0.weights.h5"]
+    run = train(config)
+    assert epochs_in(out / "history.csv") == [0] and len(run["history"]) == 1
+
+
+def test_time_budget_replans_after_the_second_epoch_then_holds(monkeypatch):
+    import pneumo_models.callbacks as cb
+    from pneumo_models import optim
+
+    clock = iter([0.0, 100.0, 100.0, 150.0, 150.0, 200.0, 200.0, 250.0, 250.0, 300.0])
+    monkeypatch.setattr(cb.time, "perf_counter", lambda: next(clock))
+    schedule = optim.WarmupCosine(1e-3, warmup_steps=10, total_steps=10 * 10)
+    budget = cb.TimeBudget(5.0, epochs=10, steps_per_epoch=10, schedule=schedule)
+
+    class Model:
+        stop_training = False
+    budget.set_model(Model())
+    plans = []
+    for epoch in range(5):
+        budget.on_epoch_begin(epoch)
+        budget.on_epoch_end(epoch)
+        plans.append((budget.plan, schedule.total_steps, budget.model.stop_training))
+    # 300 s: epoch 1 took 100 s, 200 s left -> 3 epochs; epoch 2 took 50 s, 150 s left ->
+    # 5 epochs, final; the run stops after the fifth, the schedule ends there
+    assert plans == [(3, 30, False), (5, 50, False), (5, 50, False), (5, 50, False),
+                     (5, 50, True)]
+    assert budget.record()["training_seconds"] == 300.0
