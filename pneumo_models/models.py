@@ -184,7 +184,25 @@ def build_model(name: str, *, image_size: int = 150, weights: str = "auto",
         model = keras.Model(inputs, outputs, name=name)
     if name in SMALL_NETWORKS and weights not in ("auto", "none", None):
         model.load_weights(_existing(weights))
+    synchronize_batch_norm(model)
     return model
+
+
+def synchronize_batch_norm(model: keras.Model) -> int:
+    """Under a strategy with several replicas (built inside its scope), makes every batch
+    norm layer compute its training statistics over the global batch (``synchronized``, an
+    all-reduce per layer and step) instead of each replica's share: the replicas then keep
+    identical moving statistics, and training matches one device with the same global
+    batch. No change on one device. Returns the number of layers switched."""
+    import tensorflow as tf
+    if tf.distribute.get_strategy().num_replicas_in_sync <= 1:
+        return 0
+    switched = 0
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization) and not layer.synchronized:
+            layer.synchronized = True
+            switched += 1
+    return switched
 
 
 def _existing(path: str) -> str:
