@@ -29,6 +29,30 @@ def epochs_in(history: Path):
         return [int(row["epoch"]) for row in csv.DictReader(handle)]
 
 
+def train_killed(config, patch: str) -> None:
+    """Runs the job on ``config`` in a subprocess after ``patch`` (Python source run first,
+    which arranges a SIGKILL); asserts the process was killed."""
+    code = (
+        "import os, signal\n"
+        "from pneumo_data.common.config import with_leaves\n"
+        "import pneumo_models.callbacks as cb\n"
+        "import pneumo_models.train as t\n"
+        f"{patch}"
+        f"t.train(with_leaves(t.TrainConfig(), **{leaves(config)!r}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+
+
+KILL_AFTER_SECOND_EPOCH = (
+    "original = cb.Resume.on_epoch_end\n"
+    "def killer(self, epoch, logs=None):\n"
+    "    original(self, epoch, logs)\n"
+    "    if epoch == 1:\n"
+    "        os.kill(os.getpid(), signal.SIGKILL)\n"
+    "cb.Resume.on_epoch_end = killer\n")
+
+
 def test_job_writes_everything_and_second_run_is_noop(prepared, tmp_path):
     run = train(small(prepared, tmp_path / "run"))
     out = tmp_path / "run"
@@ -65,21 +89,7 @@ def test_flagfile_reproduces_the_config(prepared, tmp_path):
 def test_resume_after_kill_continues_from_last_epoch(prepared, tmp_path):
     out = tmp_path / "run"
     config = small(prepared, out, epochs=3)
-    code = (
-        "import os, signal\n"
-        "from pneumo_data.common.config import with_leaves\n"
-        "import pneumo_models.callbacks as cb\n"
-        "import pneumo_models.train as t\n"
-        "original = cb.Resume.on_epoch_end\n"
-        "def killer(self, epoch, logs=None):\n"
-        "    original(self, epoch, logs)\n"
-        "    if epoch == 1:\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "cb.Resume.on_epoch_end = killer\n"
-        f"t.train(with_leaves(t.TrainConfig(), **{leaves(config)!r}))\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    train_killed(config, KILL_AFTER_SECOND_EPOCH)
     assert json.loads((out / "resume" / "state.json").read_text())["epoch"] == 1
     assert not (out / "run.json").exists()
     # A row of an epoch that will run again (killed after the CSV, before the state).
@@ -249,21 +259,7 @@ def test_resume_restores_the_optimizer_state_under_mixed_float16(prepared, tmp_p
     out = tmp_path / "run"
     config = small(prepared, out, epochs=3, precision="mixed_float16")
     import pneumo_models.callbacks as cb
-    code = (
-        "import os, signal\n"
-        "from pneumo_data.common.config import with_leaves\n"
-        "import pneumo_models.callbacks as cb\n"
-        "import pneumo_models.train as t\n"
-        "original = cb.Resume.on_epoch_end\n"
-        "def killer(self, epoch, logs=None):\n"
-        "    original(self, epoch, logs)\n"
-        "    if epoch == 1:\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "cb.Resume.on_epoch_end = killer\n"
-        f"t.train(with_leaves(t.TrainConfig(), **{leaves(config)!r}))\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    train_killed(config, KILL_AFTER_SECOND_EPOCH)
     seen = {}
     original = cb.Throughput.on_epoch_begin
 
@@ -327,22 +323,15 @@ def test_a_phase_that_stopped_early_is_not_trained_again_after_a_kill(prepared, 
     the final model. The resumed job finishes that run; it does not train more epochs."""
     out = tmp_path / "run"
     config = small(prepared, out, epochs=4, early_stopping_patience=1)
-    code = (
-        "import os, signal\n"
+    train_killed(config, (
         "import keras\n"
-        "from pneumo_data.common.config import with_leaves\n"
-        "import pneumo_models.train as t\n"
         "def stop(self, epoch, logs=None):\n"
         "    self.model.stop_training = True\n"
         "keras.callbacks.EarlyStopping.on_epoch_end = stop\n"
         "import pneumo_models.export as e\n"
         "def killer(*args, **kwargs):\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "e.export_into_model_dir = killer\n"
-        f"t.train(with_leaves(t.TrainConfig(), **{leaves(config)!r}))\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+        "e.export_into_model_dir = killer\n"))
     state = json.loads((out / "resume" / "state.json").read_text())
     assert state["finished"] and state["epoch"] == 0
     assert sorted(p.name for p in (out / "resume").glob("*.weights.h5")) == \
