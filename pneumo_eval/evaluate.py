@@ -157,6 +157,28 @@ def _run_record(model_dir: Path) -> dict[str, Any]:
     return read_json(path, "run record") if path.exists() else {}
 
 
+def trained_model_and_data(model_dir: Path, data_dir: str | None, split: str,
+                           error: type[UserError] = UserError):
+    """(model.keras path, run record, the training data folder or None, the data folder to
+    read: ``data_dir`` or the training one, its manifest) of a finished training run, with
+    ``split`` checked to exist and hold images; ``error`` says what is missing."""
+    from pneumo_data import manifest as manifest_lib
+    from pneumo_models.train import run_data_dir
+    model_path = model_dir / "model.keras"
+    if not model_path.exists():
+        raise error(f"{model_dir} has no model.keras (is the training finished?)")
+    run = _run_record(model_dir)
+    train_dir = run_data_dir(model_dir, run)
+    data_dir = Path(data_dir) if data_dir else train_dir
+    if data_dir is None:
+        raise error(f"no --data_dir given and {model_dir}/run.json names none")
+    m = manifest_lib.load_manifest(data_dir)
+    m.require_split(split)
+    if m.count(split) == 0:
+        raise error(f"split {split!r} of {data_dir} holds no images")
+    return model_path, run, train_dir, data_dir, m
+
+
 def evaluate_model(model_dir: Path, config: EvaluateConfig, out: OutputDir, prefix: str = ""
                    ) -> dict[str, Any]:
     """Evaluates one model; writes its report files as ``prefix + name`` into ``out``."""
@@ -166,20 +188,9 @@ def evaluate_model(model_dir: Path, config: EvaluateConfig, out: OutputDir, pref
     from pneumo_eval.calibration import calibration_report
     from pneumo_eval.thresholds import choose_threshold
     from pneumo_models.models import load_model
-    from pneumo_models.train import run_data_dir
 
-    model_path = model_dir / "model.keras"
-    if not model_path.exists():
-        raise EvaluateError(f"{model_dir} has no model.keras (is the training finished?)")
-    run = _run_record(model_dir)
-    train_dir = run_data_dir(model_dir, run)
-    data_dir = Path(config.data_dir) if config.data_dir else train_dir
-    if data_dir is None:
-        raise EvaluateError(f"no --data_dir given and {model_dir}/run.json names none")
-    m = manifest_lib.load_manifest(data_dir)
-    m.require_split(config.split)
-    if m.count(config.split) == 0:
-        raise EvaluateError(f"split {config.split!r} of {data_dir} holds no images")
+    model_path, run, train_dir, data_dir, m = trained_model_and_data(
+        model_dir, config.data_dir, config.split, EvaluateError)
     cross = train_dir is None or Path(data_dir).resolve() != Path(train_dir).resolve()
     if cross and config.threshold_data == "source":
         if train_dir is None:

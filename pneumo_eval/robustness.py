@@ -195,8 +195,8 @@ def _mean(conditions, key):
 def robustness(config: RobustnessConfig) -> dict[str, Any]:
     """Runs the job; returns the report (also written as report.json)."""
     from pneumo_data import manifest as manifest_lib
+    from pneumo_eval.evaluate import trained_model_and_data
     from pneumo_eval.thresholds import parse_policy
-    from pneumo_models.train import run_data_dir
 
     if not config.model_dir:
         raise RobustnessError("--model_dir is required")
@@ -214,19 +214,8 @@ def robustness(config: RobustnessConfig) -> dict[str, Any]:
     except ValueError as error:
         raise RobustnessError(str(error)) from None
     model_dir = Path(config.model_dir)
-    model_path = model_dir / "model.keras"
-    if not model_path.exists():
-        raise RobustnessError(f"{model_dir} has no model.keras (is the training finished?)")
-    run = read_json(model_dir / "run.json", "run record") if (model_dir / "run.json").exists() \
-        else {}
-    train_dir = run_data_dir(model_dir, run)
-    data_dir = Path(config.data_dir) if config.data_dir else train_dir
-    if data_dir is None:
-        raise RobustnessError(f"no --data_dir given and {model_dir}/run.json names none")
-    m = manifest_lib.load_manifest(data_dir)
-    m.require_split(config.split)
-    if m.count(config.split) == 0:
-        raise RobustnessError(f"split {config.split!r} of {data_dir} holds no images")
+    model_path, run, train_dir, data_dir, m = trained_model_and_data(
+        model_dir, config.data_dir, config.split, RobustnessError)
     model_sha = file_sha256(model_path)
     given = _report_threshold(config.threshold_from, model_sha) if config.threshold_from \
         else None

@@ -155,27 +155,10 @@ def _quiet_converter():
     """The converter saves a temporary SavedModel (absl INFO lines) and its calibrator prints
     a ``fully_quantize: ...`` line straight to the stderr file descriptor; keep warnings and
     anything else."""
-    import sys
-    import tempfile
+    from pneumo_data.common.jobs import filtered_stderr
 
-    from pneumo_data.common.jobs import _is_noise
-
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as capture, quiet_saving():
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            kept = [line for line in capture.read().decode(errors="replace").splitlines()
-                    if line.strip() and not line.startswith("fully_quantize:")
-                    and not _is_noise(line)]
-            if kept:
-                print("\n".join(kept), file=sys.stderr, flush=True)
+    with quiet_saving(), filtered_stderr(lambda line: line.startswith("fully_quantize:")):
+        yield
 
 
 @dataclasses.dataclass(frozen=True)

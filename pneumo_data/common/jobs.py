@@ -21,6 +21,7 @@ that this filter is in place before TensorFlow's first line.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -48,6 +49,28 @@ def _is_noise(line: str) -> bool:
     return any(p.search(line) for p in _NOISE)
 
 
+@contextlib.contextmanager
+def filtered_stderr(drop: Callable[[str], bool] | None = None):
+    """Captures what is written to the stderr file descriptor (C++ logs included) while the
+    block runs, then writes back every line that is not TensorFlow start-up noise and that
+    ``drop`` (if given) does not reject."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().decode(errors="replace").splitlines()
+                    if line.strip() and not _is_noise(line) and not (drop and drop(line))]
+            if kept:
+                print("\n".join(kept), file=sys.stderr, flush=True)
+
+
 def import_tensorflow(verbosity: int = 0):
     """Imports TensorFlow (once) with its start-up noise filtered; returns the module.
 
@@ -61,22 +84,9 @@ def import_tensorflow(verbosity: int = 0):
         _imported = True
         return tf
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            import tensorflow as tf
-            tf.config.list_physical_devices()  # device initialisation logs (cuInit) here
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            kept = [line for line in capture.read().decode(errors="replace").splitlines()
-                    if line.strip() and not _is_noise(line)]
-            if kept:
-                print("\n".join(kept), file=sys.stderr, flush=True)
+    with filtered_stderr():
+        import tensorflow as tf
+        tf.config.list_physical_devices()  # device initialisation logs (cuInit) here
     _imported = True
     _quiet_python_loggers()
     return tf
