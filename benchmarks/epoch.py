@@ -100,7 +100,8 @@ def main(argv):
         ours, policy, jit = pneumo_recipe(work, size, batch, steps, FLAGS.epochs)
     rows = [["old recipe (ImageDataGenerator + tf_keras, float32, RGB)"]
             + [f"{t:.1f}" for t in old] + [f"{steps * batch / old[-1]:.0f}"],
-            [f"pneumo defaults ({policy}, XLA {'on' if jit else 'off'}, device augmentation)"]
+            [f"pneumo, same network and augmentation ({policy}, XLA {'on' if jit else 'off'}, "
+             f"device augmentation)"]
             + [f"{t:.1f}" for t in ours] + [f"{steps * batch / ours[-1]:.0f}"]]
     header = ["recipe"] + [f"epoch {i + 1} s" for i in range(FLAGS.epochs)] + [
         "img/s (last epoch)"]
