@@ -17,6 +17,7 @@ flags.DEFINE_string("source_dir", None, "Image folder (default: the embedded dat
 flags.DEFINE_integer("images", 400, "How many images to sample.")
 flags.DEFINE_integer("image_size", 256, "Stored size.")
 flags.DEFINE_string("output_dir", None, "Where to write results (default benchmarks/results).")
+flags.DEFINE_string("name", "encoding", "Result file name.")
 FLAGS = flags.FLAGS
 
 
@@ -25,7 +26,7 @@ def main(_):
 
     from pneumo_data import synthetic
     source_dir = FLAGS.source_dir or str(synthetic.default_dataset_dir())
-    found = [f for f in sources.find_sources(source_dir) if not f.hidden]
+    found = [f for f in sources.find_sources(source_dir) if f.skip_reason is None]
     step = max(1, len(found) // FLAGS.images)
     size = FLAGS.image_size
     arrays = [decode.decode_to_gray(f.path.read_bytes(), size) for f in found[::step]]
@@ -54,7 +55,7 @@ def main(_):
     table = common.markdown_table(
         ["encoding", "KiB / image", "encode img/s", "tf.data decode img/s (median)",
          "mean abs error (grey levels)"], rows)
-    common.write_results("encoding", FLAGS.output_dir, {
+    common.write_results(FLAGS.name, FLAGS.output_dir, {
         "environment": common.environment(), "source_dir": source_dir,
         "images": len(arrays), "image_size": size, "results": results}, table)
 

@@ -124,3 +124,9 @@ def test_scaling_smoke(tmp_path, tiny_source):
     assert not [c for c in cells if "error" in c]
     assert all(c["rate"]["median"] > 0 for c in cells)
     assert cells[0]["replicas_in_sync"] == 2
+
+
+def test_encoding_smoke(tmp_path, tiny_source):
+    payload = run("benchmarks.encoding", tmp_path, tiny_source, "--images=6", "--image_size=32")
+    assert payload["environment"]["cores"] >= 1
+    assert "raw" in (tmp_path / "result.md").read_text()
