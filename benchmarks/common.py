@@ -212,3 +212,16 @@ def bar_chart(path: Path, values: dict[str, float], unit: str, title: str) -> Pa
         fig.savefig(tmp, dpi=100, metadata={"Software": SOFTWARE_TAG})
     plt.close(fig)
     return Path(path)
+
+
+def window_rates(stamps: list[float], warmup: int, steps: int, repeats: int,
+                 batch: int) -> dict[str, float]:
+    """images/s over ``repeats`` windows of ``steps`` steps after ``warmup`` steps;
+    ``stamps[i]`` is the time after step i+1. Median, min and max."""
+    import statistics
+    rates = []
+    for r in range(repeats):
+        start = stamps[warmup - 1 + r * steps]
+        end = stamps[warmup - 1 + (r + 1) * steps]
+        rates.append(steps * batch / (end - start))
+    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}

@@ -85,12 +85,7 @@ def _configure_devices(replicas: int) -> list[str]:
 
 def _windows(stamps: list[float], warmup: int, steps: int, repeats: int, batch: int) -> dict:
     """images/s over windows of ``steps`` steps; ``stamps[i]`` is the time after step i+1."""
-    rates = []
-    for r in range(repeats):
-        start = stamps[warmup - 1 + r * steps]
-        end = stamps[warmup - 1 + (r + 1) * steps]
-        rates.append(steps * batch / (end - start))
-    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
+    return common.window_rates(stamps, warmup, steps, repeats, batch)
 
 
 def _clock():

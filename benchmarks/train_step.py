@@ -15,7 +15,6 @@ On a GPU the JSON also records peak GPU memory per combination.
 from __future__ import annotations
 
 import shutil
-import statistics
 import tempfile
 import time
 
@@ -45,12 +44,7 @@ def _rate(model, dataset, steps: int, warmup: int, repeats: int, batch: int) -> 
     warmup = max(1, warmup)
     model.fit(dataset, steps_per_epoch=warmup + repeats * steps, epochs=1, verbose=0,
               callbacks=[clock])
-    rates = []
-    for r in range(repeats):
-        start = stamps[warmup - 1 + r * steps]
-        end = stamps[warmup - 1 + (r + 1) * steps]
-        rates.append(steps * batch / (end - start))
-    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
+    return common.window_rates(stamps, warmup, steps, repeats, batch)
 
 
 def _note(precision: str) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +117,24 @@ class SourceScan:
             files["ignored"] = len(self.ignored)
         return {"rows": dict(collections.Counter(r.status for r in self.rows)),
                 "files": dict(files)}
+
+
+def walk_once(folder: Path) -> tuple[list[tuple[Path, list[str]]], list[Path]]:
+    """``os.walk`` of ``folder`` following symbolic links, each real folder once:
+    ([(folder path, its file names sorted)], [links to a folder already walked (a loop or a
+    second link to it), not entered])."""
+    walked, repeated = [], []
+    seen = {folder.resolve()}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        kept = []
+        for name in sorted(dirnames):
+            sub = Path(dirpath) / name
+            real = sub.resolve()
+            if real in seen:
+                repeated.append(sub)
+                continue
+            seen.add(real)
+            kept.append(name)
+        dirnames[:] = kept
+        walked.append((Path(dirpath), sorted(filenames)))
+    return walked, repeated

@@ -47,7 +47,14 @@ from typing import Iterable
 
 from pneumo_data.common.errors import UserError
 from pneumo_data.sources import dicom_tags
-from pneumo_data.sources.base import FileOutcome, Ignored, RowOutcome, SourceFile, SourceScan
+from pneumo_data.sources.base import (
+    FileOutcome,
+    Ignored,
+    RowOutcome,
+    SourceFile,
+    SourceScan,
+    walk_once,
+)
 
 __all__ = ["CsvLabelError", "LabelTable", "CsvLabelConfig", "find_labelled", "label_of",
            "normalise_value", "parse_values", "IMAGE_SUFFIXES", "BLANK"]
@@ -208,24 +215,15 @@ def _walk(source_dir: Path) -> tuple[list[str], list[Ignored]]:
     Symbolic links to files and folders are followed (a folder reached twice is walked once);
     hidden files, ``__MACOSX`` and dangling links are ignored with their reason.
     """
-    visible, ignored = [], []
-    seen = {source_dir.resolve()}
-    for dirpath, dirnames, filenames in os.walk(source_dir, followlinks=True):
-        kept = []
-        for name in sorted(dirnames):
-            sub = Path(dirpath) / name
-            real = sub.resolve()
-            if real in seen:
-                ignored.append(Ignored(sub.relative_to(source_dir).as_posix(),
-                                       "symbolic link to a folder already walked"))
-                continue
-            seen.add(real)
-            kept.append(name)
-        dirnames[:] = kept
+    visible = []
+    walked, repeated = walk_once(source_dir)
+    ignored = [Ignored(sub.relative_to(source_dir).as_posix(),
+                       "symbolic link to a folder already walked") for sub in repeated]
+    for dirpath, filenames in walked:
         inside_hidden = any(part.startswith(".") or part == "__MACOSX"
                             for part in Path(dirpath).relative_to(source_dir).parts)
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
+        for name in filenames:
+            path = dirpath / name
             rel = path.relative_to(source_dir).as_posix()
             if inside_hidden or name.startswith("."):
                 ignored.append(Ignored(rel, "hidden file (dot-file or __MACOSX), not an image"))

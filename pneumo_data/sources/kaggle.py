@@ -38,6 +38,7 @@ from pneumo_data.sources.base import (
     SourceFile,
     SourceLayoutError,
     SourceScan,
+    walk_once,
 )
 
 # Person numbers are counted per subtype in Kermany et al. (person1_bacteria and
@@ -146,22 +147,10 @@ def _ignored_entries(source_dir: Path, levels: list[Path], used: set[Path]) -> l
 
 def _walk(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Files under ``folder``, following symbolic links; (files, folders not walked + why)."""
-    found, skipped = [], []
-    seen = {folder.resolve()}
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        kept = []
-        for name in sorted(dirnames):
-            sub = Path(dirpath) / name
-            real = sub.resolve()
-            if real in seen:
-                skipped.append((sub, "symbolic link to a folder already walked (a loop or a "
-                                     "second link to it); its files are listed once"))
-                continue
-            seen.add(real)
-            kept.append(name)
-        dirnames[:] = kept
-        found.extend(Path(dirpath) / name for name in filenames)
-    return sorted(found), skipped
+    walked, repeated = walk_once(folder)
+    found = [dirpath / name for dirpath, names in walked for name in names]
+    return sorted(found), [(sub, "symbolic link to a folder already walked (a loop or a second "
+                                 "link to it); its files are listed once") for sub in repeated]
 
 
 def scan_sources(source_dir: str | os.PathLike,
