@@ -704,28 +704,16 @@ def run_data_dir(model_dir: str | os.PathLike, run: dict[str, Any]) -> Path | No
 def load_run_config(model_dir: str | os.PathLike) -> TrainConfig:
     """The TrainConfig a model_dir was trained with (from its config.json)."""
     data = read_json(Path(model_dir) / "config.json", "run config")
-    missing = _missing_keys(TrainConfig().identity(), data)
-    if missing:  # written by an older version: defaults would stand in for what it used
-        raise TrainError(f"{model_dir}/config.json was written by an older version of the "
-                         f"training job (no {', '.join(missing[:5])}); its options cannot be "
-                         f"read back exactly")
     try:
-        return config_from_dict(TrainConfig, data)
+        # strict: a config.json of an older version lacks options whose defaults changed
+        # since; reading it with today's defaults would misstate the run. (It never holds
+        # --overwrite, which is not part of a run's identity.)
+        return config_from_dict(TrainConfig, {"overwrite": False, **data}
+                                if isinstance(data, dict) else data, strict=True)
     except (TypeError, ValueError) as error:
         raise TrainError(f"{model_dir}/config.json does not match this version's options "
-                         f"({error})") from None
-
-
-def _missing_keys(reference: dict, data: Any, prefix: str = "") -> list[str]:
-    if not isinstance(data, dict):
-        return [prefix.rstrip(".") or "(not an object)"]
-    out = []
-    for key, value in reference.items():
-        if key not in data:
-            out.append(prefix + key)
-        elif isinstance(value, dict):
-            out += _missing_keys(value, data[key], f"{prefix}{key}.")
-    return out
+                         f"({error}); it was written by another version of the training "
+                         f"job") from None
 
 
 def _truncate_history(out: OutputDir, first_epoch: int) -> None:

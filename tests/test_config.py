@@ -51,6 +51,13 @@ def test_nested_config_flags_are_flat_and_round_trip(tmp_path):
     again(["job", f"--flagfile={flagfile}"])
     assert config_from_flags(Outer, again) == config
     assert config_from_dict(Outer, config_to_dict(config)) == config
+    # strict: a record missing a leaf (an older version's) is refused, not filled
+    assert config_from_dict(Outer, config_to_dict(config), strict=True) == config
+    partial = config_to_dict(config)
+    del partial["inner"]["rate"]
+    assert config_from_dict(Outer, partial) == Outer(epochs=5, mode="b", sizes=("3", "4"))
+    with pytest.raises(ValueError, match=r"lacks field\(s\) \['rate'\]"):
+        config_from_dict(Outer, partial, strict=True)
 
 
 def test_leaf_names_must_be_unique_across_the_tree():

@@ -211,8 +211,10 @@ def config_to_dict(config) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-def config_from_dict(cls, data: dict[str, Any]):
-    """The config tree ``cls`` from :func:`config_to_dict` output (missing keys: defaults).
+def config_from_dict(cls, data: dict[str, Any], strict: bool = False):
+    """The config tree ``cls`` from :func:`config_to_dict` output (missing keys: defaults,
+    or with ``strict`` a ValueError naming them, e.g. for a record written by an older
+    version whose defaults were different).
 
     Raises ValueError for keys the tree does not have.
     """
@@ -222,12 +224,15 @@ def config_from_dict(cls, data: dict[str, Any]):
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{cls.__name__} has no field(s) {unknown}")
+    missing = sorted(known - set(data))
+    if strict and missing:
+        raise ValueError(f"{cls.__name__} lacks field(s) {missing}")
     values = {}
     for field, kind, _ in _fields(cls):
         if field.name not in data:
             continue
         value = data[field.name]
-        values[field.name] = (config_from_dict(kind, value) if _is_group(field)
+        values[field.name] = (config_from_dict(kind, value, strict) if _is_group(field)
                               else _leaf_value(field, kind, value))
     return cls(**values)
 
