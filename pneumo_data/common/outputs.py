@@ -233,6 +233,14 @@ class OutputDir:
         sealed = set(entry["files"])
         return [f for f in _listing(folder) if f not in sealed]
 
+    def _refuse_foreign_inside(self, rel: str, refusal: str) -> None:
+        """Raises OutputError (saying ``refusal``) when folder ``rel`` holds files that pneumo
+        did not write."""
+        foreign = self._foreign_inside(rel)
+        if foreign:
+            raise OutputError(f"{self.path / rel} holds files pneumo did not write "
+                              f"({_shown(foreign)}); {refusal}. Move them away first")
+
     # ------------------------------------------------------------------ writing
 
     @contextlib.contextmanager
@@ -257,10 +265,7 @@ class OutputDir:
         if not self.owns(rel) and (target.exists() or target.is_symlink()):
             raise OutputError(f"{target} exists and was not written by pneumo's {self.job} job; "
                               f"not replacing it. Move it away or choose another folder")
-        foreign = self._foreign_inside(rel)
-        if foreign:
-            raise OutputError(f"{target} holds files pneumo did not write ({_shown(foreign)}); "
-                              f"not replacing it. Move them away first")
+        self._refuse_foreign_inside(rel, "not replacing it")
 
     @contextlib.contextmanager
     def replacing_dir(self, rel: str | os.PathLike) -> Iterator[Path]:
@@ -306,10 +311,7 @@ class OutputDir:
         if not self.owns(rel):
             raise OutputError(f"{self.path / rel} was not written by pneumo's {self.job} job; "
                               f"not deleting it")
-        foreign = self._foreign_inside(rel)
-        if foreign:
-            raise OutputError(f"{self.path / rel} holds files pneumo did not write "
-                              f"({_shown(foreign)}); not deleting it. Move them away first")
+        self._refuse_foreign_inside(rel, "not deleting it")
         entry = self._entries.get(rel, {"kind": "file"})
         if "job" in entry:
             self._remove_nested(rel, entry["job"])
@@ -347,11 +349,7 @@ class OutputDir:
         self._require_open()
         doomed = [rel for rel in self.owned() if rel not in keep]
         for rel in doomed:
-            foreign = self._foreign_inside(rel)
-            if foreign:
-                raise OutputError(f"{self.path / rel} holds files pneumo did not write "
-                                  f"({_shown(foreign)}); not deleting anything. Move them away "
-                                  f"first")
+            self._refuse_foreign_inside(rel, "not deleting anything")
         for rel in doomed:
             self.remove(rel)
         return doomed
