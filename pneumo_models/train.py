@@ -85,7 +85,7 @@ from pneumo_data.common.errors import UserError
 from pneumo_data.common.files import file_sha256, read_json
 from pneumo_data.common.outputs import OutputDir
 from pneumo_data.config import PipelineConfig
-from pneumo_models.config import MODELS, DistributeConfig, NetworkConfig, OptimizerConfig
+from pneumo_models.config import DistributeConfig, NetworkConfig, OptimizerConfig
 from pneumo_models.precision import JIT_CHOICES, PRECISIONS
 from pneumo_models.recipes import RECIPES
 
@@ -172,11 +172,7 @@ class TrainConfig:
                 raise TrainError(f"--{name} must be positive, got {value}")
         if p.image_size < 32:
             raise TrainError(f"--image_size must be at least 32, got {p.image_size}")
-        for name in ("learning_rate", "fine_tune_learning_rate"):
-            value = getattr(o, name)
-            if not (value > 0 and math.isfinite(value)):
-                raise TrainError(f"--{name} must be a positive number, got {value}")
-        try:
+        try:  # the learning rates, dropout, network and preprocessing
             o.validate()
             n.validate()
         except UserError as error:
@@ -187,10 +183,6 @@ class TrainConfig:
         for name in ("early_stopping_patience", "fine_tune_epochs", "steps_per_epoch"):
             if getattr(self, name) < 0:
                 raise TrainError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if n.dropout is not None and not 0 <= n.dropout < 1:
-            raise TrainError(f"--dropout must be in [0, 1), got {n.dropout}")
-        if n.model not in MODELS:
-            raise TrainError(f"--model must be one of {MODELS}, got {n.model!r}")
         if self.fine_tune_epochs and n.model not in FINE_TUNE_PREFIX:
             raise TrainError(f"--fine_tune_epochs needs a backbone model, not {n.model}")
         if self.data_dir and self.source_dir:
@@ -584,7 +576,7 @@ def _train(config: TrainConfig, out: OutputDir, m, counts: dict[str, int], strat
                  initial_epoch + 1, phase)
     budget = cb.TimeBudget(
         config.time_budget_minutes, config.epochs, steps, schedule,
-        plan=(state or {}).get("plan"), seconds=(state or {}).get("seconds", 0.0),
+        plan=plan, seconds=(state or {}).get("seconds", 0.0),
         agree=lambda planned: distribute.broadcast_json(strategy, planned))
 
     history_path = out.claim("history.csv")
