@@ -2,22 +2,21 @@
 
 The public API::
 
-    from pneumo_data import train_dataset, eval_dataset, steps_per_epoch
+    from pneumo_data import read, train_dataset, eval_dataset, steps_per_epoch
     from pneumo_data.prepare import PrepareConfig, prepare
 
-Importing this package does not import TensorFlow; the pipeline functions do
-on first use.
+Importing this package does not import TensorFlow; the reader's functions do on first use.
 """
 
 __version__ = "0.2.0"
 
 _LAZY = {
-    "train_dataset": "pneumo_data.pipeline",
-    "train_dataset_from_config": "pneumo_data.pipeline",
-    "eval_dataset": "pneumo_data.pipeline",
-    "steps_per_epoch": "pneumo_data.pipeline",
-    "eval_size": "pneumo_data.pipeline",
-    "eval_shares": "pneumo_data.pipeline",
+    "read": "pneumo_data.reader",
+    "train_dataset": "pneumo_data.reader",
+    "eval_dataset": "pneumo_data.reader",
+    "steps_per_epoch": "pneumo_data.reader",
+    "eval_size": "pneumo_data.reader",
+    "eval_shares": "pneumo_data.reader",
     "RandomAffine": "pneumo_data.augment",
     "augment_batch": "pneumo_data.augment",
     "PipelineConfig": "pneumo_data.config",

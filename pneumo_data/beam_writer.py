@@ -11,14 +11,14 @@ position) is computed once on the driver, as for the threaded writer: it needs e
 file's patient id and hash. The pipeline does the per-file work::
 
     plan lines -> ReadFromText -> Reshuffle -> encode (read, check sha256, decode,
-      encode, serialize: prepare.encode_record) -> key by shard -> GroupByKey ->
+      encode, serialize: shard_writer.encode_record) -> key by shard -> GroupByKey ->
       write each shard (records in plan order) -> one result line per shard -> WriteToText
 
 and the driver reads the result lines back, marks every planned entry written or
 skipped, and returns the shard table and counts the manifest needs. Files, record
 order and record bytes are the threaded writer's (same
-:func:`pneumo_data.prepare.encode_record`, same :meth:`ShardGroup.shard_index`, same
-:class:`~pneumo_data.shards.ShardWriter`), so the shards' sha256s are identical; a test
+:func:`pneumo_data.shard_writer.encode_record`, same :meth:`ShardGroup.shard_index`, same
+:class:`~pneumo_data.records_tf.ShardWriter`), so the shards' sha256s are identical; a test
 checks it.
 
 Ownership: the driver claims every planned shard and the work folder
@@ -32,7 +32,7 @@ paths: the local runners (the default: Beam's Python runner, one worker process 
 core), or Flink/Spark workers on a shared mount. Workers need pneumo importable (the
 local worker processes get the driver's copy on ``PYTHONPATH``; a cluster needs
 ``--setup_file`` or a container image). Dataflow would additionally need ``gs://``
-output, which :class:`~pneumo_data.shards.ShardWriter` does not write today.
+output, which :class:`~pneumo_data.records_tf.ShardWriter` does not write today.
 
 apache-beam is an optional extra (``pip install 'pneumo[beam]'``); without it
 :func:`pipeline_options` (called by prepare before any work) raises
@@ -54,10 +54,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pneumo_data import shards
 from pneumo_data.common.errors import UserError
 from pneumo_data.common.files import partial_path
 from pneumo_data.common.jobs import import_tensorflow
+from pneumo_data.records import shard_name
 
 log = logging.getLogger("pneumo.beam_writer")
 
@@ -118,9 +118,19 @@ def pipeline_options(options: str | None = None):
 # ---------------------------------------------------------------- the pipeline's steps
 # Module-level functions and callables: workers import them by name.
 
-def _plan_line(shard_name: str, group: int, position: int, entry) -> str:
+def _worker_modules():
+    """The TensorFlow half a worker needs (the threaded writer's own step and shard writer),
+    imported on a worker's first element, TensorFlow's start-up noise filtered as in the
+    jobs. This module itself imports no TensorFlow, so prepare can check the Beam options
+    before loading it."""
+    import_tensorflow()
+    from pneumo_data import records_tf, shard_writer
+    return shard_writer, records_tf
+
+
+def _plan_line(name: str, group: int, position: int, entry) -> str:
     # The entry goes whole (pickled): the worker calls the writer's own step on it.
-    return base64.b64encode(pickle.dumps((shard_name, group, position, entry))).decode()
+    return base64.b64encode(pickle.dumps((name, group, position, entry))).decode()
 
 
 class _EncodeFn:
@@ -134,14 +144,13 @@ class _EncodeFn:
         self.config = config
 
     def __call__(self, line: str):
-        from pneumo_data.prepare import encode_record
-        import_tensorflow()  # once per worker process, its start-up noise filtered as in jobs
-        shard_name, group, position, entry = pickle.loads(base64.b64decode(line))
+        shard_writer, _ = _worker_modules()
+        name, group, position, entry = pickle.loads(base64.b64decode(line))
         before = dict(vars(entry))
-        reason, record = encode_record(entry, self.config)
+        reason, record = shard_writer.encode_record(entry, self.config)
         changes = {k: v for k, v in vars(entry).items() if before.get(k, _UNSET) is not v}
         state = base64.b64encode(pickle.dumps(changes)).decode() if changes else None
-        return shard_name, (group, position, reason, record, state)
+        return name, (group, position, reason, record, state)
 
 
 _UNSET = object()
@@ -165,9 +174,9 @@ class _WriteShardFn:
 
     def __call__(self, element) -> str:
         name, items = element
-        import_tensorflow()
+        _, records_tf = _worker_modules()
         items = sorted(items, key=lambda item: item[:2])  # plan order
-        writer = shards.ShardWriter(_Claimed(self.output_dir), name)
+        writer = records_tf.ShardWriter(_Claimed(self.output_dir), name)
         fates = []
         for group, position, reason, record, state in items:
             fates.append([group, position, reason, state])
@@ -210,7 +219,7 @@ def _workers_import_this_copy():
 def write_shards(plan, out, config) -> tuple[dict, dict]:
     """Decodes and writes ``plan``'s shards with Beam; returns (shard table, counts).
 
-    The Beam twin of prepare's threaded ``_write_shards``: same arguments but the
+    The Beam twin of :func:`pneumo_data.shard_writer.write_shards`: same arguments but the
     thread count, same result, same entries marked written or skipped.
 
     Args:
@@ -234,7 +243,7 @@ def write_shards(plan, out, config) -> tuple[dict, dict]:
         for g, group in enumerate(plan.groups):
             for position, entry in enumerate(group.entries):
                 index = group.shard_index(position)
-                name = shards.shard_name(group.split, group.label, index, group.shards)
+                name = shard_name(group.split, group.label, index, group.shards)
                 if name not in expected:
                     out.claim(name)  # write-ahead, in writing order, as the threads do
                     expected[name] = (g, index)

@@ -7,8 +7,7 @@ against their recorded sizes and sha256 with :meth:`Manifest.verify`.
 
 ``preprocess`` records how the files became the stored images (the settings of
 stage (a) of :mod:`pneumo_data.preprocess`, with the definition's version);
-:meth:`Manifest.preprocess` reads it, or derives it from ``image`` and
-``options`` for manifests written before the key existed.
+:meth:`Manifest.preprocess` reads it.
 """
 
 from __future__ import annotations
@@ -21,6 +20,8 @@ from typing import Any
 
 from pneumo_data.common.errors import UserError
 from pneumo_data.common.files import file_sha256, write_text
+from pneumo_data.preprocess.spec import PreprocessSpec
+from pneumo_data.records import ENCODINGS
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "pneumo-manifest"
@@ -59,10 +60,9 @@ class Manifest:
         return self.data["image"]["encoding"]
 
     @property
-    def preprocess(self):
+    def preprocess(self) -> PreprocessSpec:
         """The :class:`~pneumo_data.preprocess.PreprocessSpec` the stored images were made with."""
-        from pneumo_data.preprocess import PreprocessSpec
-        return PreprocessSpec.from_manifest(self.data)
+        return PreprocessSpec.from_dict(self.data["preprocess"])
 
     def require_split(self, split: str) -> None:
         if split not in self.data["shards"]:
@@ -99,6 +99,12 @@ class Manifest:
                     verify_shard(self.data_dir / entry["file"], entry, checksums)
 
 
+def shard_entry(path: Path, records: int) -> dict[str, Any]:
+    """The manifest's entry for a finished shard file holding ``records`` records."""
+    return {"file": path.name, "records": records, "bytes": path.stat().st_size,
+            "sha256": file_sha256(path)}
+
+
 def verify_shard(path: Path, entry: dict[str, Any], checksum: bool = True) -> None:
     if not path.exists():
         raise ShardIntegrityError(f"shard {path} listed in the manifest is missing")
@@ -123,22 +129,21 @@ def _check_schema(path: Path, data: Any) -> None:
             f"{path} is not a {FORMAT} v{FORMAT_VERSION} manifest "
             f"(format={data.get('format')!r}, version={data.get('format_version')!r})")
     for key, kind in (("classes", list), ("counts", dict), ("shards", dict), ("image", dict),
-                      ("files", list), ("options", dict), ("source", dict)):
+                      ("files", list), ("options", dict), ("source", dict),
+                      ("preprocess", dict)):
         if not isinstance(data.get(key), kind):
             bad(f"key {key!r} is missing or not a JSON {kind.__name__}")
     image = data["image"]
     if not (isinstance(image.get("size"), int) and image["size"] > 0):
         bad("image.size is missing or not a positive integer")
-    if image.get("encoding") not in ("raw", "jpeg", "png"):
+    if image.get("encoding") not in ENCODINGS:
         bad(f"image.encoding {image.get('encoding')!r} is not raw, jpeg or png")
-    if "preprocess" in data:  # optional: manifests written before it existed still load
-        from pneumo_data.preprocess import PreprocessSpec
-        try:
-            spec = PreprocessSpec.from_dict(data["preprocess"])
-        except UserError as error:
-            bad(f"preprocess: {error}")
-        if spec.stored_size != image["size"]:
-            bad(f"preprocess.stored_size {spec.stored_size} is not image.size {image['size']}")
+    try:
+        spec = PreprocessSpec.from_dict(data["preprocess"])
+    except UserError as error:
+        bad(f"preprocess: {error}")
+    if spec.stored_size != image["size"]:
+        bad(f"preprocess.stored_size {spec.stored_size} is not image.size {image['size']}")
     for split, by_class in data["shards"].items():
         if not isinstance(by_class, dict) or not isinstance(data["counts"].get(split), dict):
             bad(f"split {split!r} has no shard table or no counts")

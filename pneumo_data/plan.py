@@ -36,7 +36,7 @@ class Entry:
     status: str = "pending"
     reason: str | None = None
     shard: str | None = None
-    dicom: Any = None  # the writer's pneumo_data.dicom.DicomInfo for a DICOM file
+    dicom: Any = None  # the writer's preprocess.DicomInfo for a DICOM file
 
     def row(self) -> dict[str, Any]:
         s = self.source

@@ -15,10 +15,10 @@ Two halves. Planning (:mod:`pneumo_data.plan`): find files, labels, patients and
 views (:mod:`pneumo_data.sources`: Kaggle folders, CSV-labelled collections, the rsna /
 nih / chexpert presets; options in :class:`pneumo_data.sources.SourceConfig`), hash
 them, group by patient id and identical content and split (:mod:`pneumo_data.split`),
-fix the writing order. Writing (here): decode each file once to grayscale at the stored
-size in parallel threads (:mod:`pneumo_data.decode`; DICOM through
-:mod:`pneumo_data.dicom`), write one shard set per split x class
-(:mod:`pneumo_data.shards`) and finally the manifest
+fix the writing order. Writing (:mod:`pneumo_data.shard_writer`): decode each file once to
+grayscale at the stored size in parallel threads (:func:`pneumo_data.preprocess.decode`, DICOM
+included), write one shard set per split x class (:mod:`pneumo_data.records`) and finally the
+manifest
 (:mod:`pneumo_data.manifest`), which lists every source file as written or
 skipped with its reason, and every entry of the source folder it ignored: for CSV sources
 also every file it did not use (dropped, unlabelled, conflicting labels) and every label-table
@@ -37,23 +37,23 @@ refused, and ``--overwrite`` replaces only what prepare wrote.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
 import datetime
-import hashlib
 import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from pneumo_data import decode, dicom, manifest, shards, sources
+from pneumo_data import __version__, beam_writer, manifest, sources, synthetic
 from pneumo_data.common.config import config_to_dict, group, option
 from pneumo_data.common.errors import UserError
 from pneumo_data.common.files import file_sha256
+from pneumo_data.common.jobs import import_tensorflow
 from pneumo_data.common.outputs import OutputDir
 from pneumo_data.plan import Plan, make_plan, source_fingerprint
-from pneumo_data.tfds import metadata as tfds_metadata
+from pneumo_data.preprocess import DEFAULT_MAX_PIXELS, RESIZE_MODES, PreprocessSpec
+from pneumo_data.records import ENCODINGS
 
 log = logging.getLogger("pneumo.prepare")
 
@@ -89,11 +89,11 @@ class PrepareConfig:
         "without a match are their own patient.")
     image_size: int = option(256, "Side of the stored square grayscale images.")
     resize: str = option("stretch", "stretch to square (as ImageDataGenerator) or pad "
-                                    "(keep aspect ratio).", choices=decode.RESIZE_MODES)
-    encoding: str = option("raw", "Stored image encoding.", choices=shards.ENCODINGS)
+                                    "(keep aspect ratio).", choices=RESIZE_MODES)
+    encoding: str = option("raw", "Stored image encoding.", choices=ENCODINGS)
     jpeg_quality: int = option(95, "JPEG quality when --encoding=jpeg.")
     shard_mb: float = option(64.0, "Target shard size in MB (at least one shard per class).")
-    max_pixels: int = option(decode.DEFAULT_MAX_PIXELS,
+    max_pixels: int = option(DEFAULT_MAX_PIXELS,
                              "Skip images with more pixels (decompression bomb guard).")
     fast_jpeg: bool = option(True, "Decode large JPEGs at a reduced DCT scale before resizing.")
     allow_leakage: bool = option(
@@ -138,7 +138,12 @@ class PrepareConfig:
             raise PrepareError("shard_mb and max_pixels must be positive, num_workers >= 0")
         if self.beam_pipeline_options and self.runner != "beam":
             raise PrepareError("--beam_pipeline_options needs --runner=beam")
-        decode.prepare_spec(self)  # the stage (a) settings are valid
+        self.preprocess_spec()  # the stage (a) settings are valid
+
+    def preprocess_spec(self) -> PreprocessSpec:
+        """The stage (a) settings of :mod:`pneumo_data.preprocess` these options give."""
+        return PreprocessSpec(stored_size=self.image_size, resize=self.resize,
+                              fast_jpeg=self.fast_jpeg, max_pixels=self.max_pixels)
 
 
 def _progress(enabled: bool):
@@ -193,83 +198,6 @@ def _clear_previous(out: OutputDir, config: PrepareConfig, stale_reason: str | N
     log.info("overwriting the dataset prepare wrote in %s", out.path)
     out.remove(manifest.MANIFEST_NAME)  # first: never a manifest over missing shards
     out.clear()
-
-
-# ---------------------------------------------------------------- writing
-
-def _decode_one(entry, config: PrepareConfig):
-    """(skip reason, None) or (None, encoded image) for one planned entry."""
-    try:
-        data = entry.source.path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != entry.sha256:
-            return "source file changed while preparing", None
-        pixels, entry.dicom = dicom.decode_for_config(data, config)
-        return None, shards.encode_image(pixels, config.encoding, config.jpeg_quality)
-    except decode.DecodeError as error:
-        return str(error), None
-    except OSError as error:
-        return f"unreadable: {error.strerror or error}", None
-
-
-def encode_record(entry, config: PrepareConfig) -> tuple[str | None, bytes | None]:
-    """(skip reason, None) or (None, serialized record) for one planned entry.
-
-    The one "planned file -> record bytes" step: the threaded writer below and the Beam
-    writer (:mod:`pneumo_data.beam_writer`) both call it, so their shards are identical.
-    """
-    reason, encoded = _decode_one(entry, config)
-    if reason:
-        return reason, None
-    s = entry.source
-    return None, shards.make_example(encoded, s.label_index, s.subtype, s.patient_id,
-                                     s.relpath, entry.sha256)
-
-
-def _write_shards(plan: Plan, out: OutputDir, config: PrepareConfig, workers: int
-                  ) -> tuple[dict, dict]:
-    """Decodes in ``workers`` threads, writes the plan's shards in order; returns
-    (shard table, counts) for the manifest."""
-    total = sum(len(g.entries) for g in plan.groups)
-    shard_table: dict[str, dict[str, list]] = {}
-    counts: dict[str, dict[str, int]] = {}
-    bar = _progress(config.progress)(None, total, "decoding") if config.progress else None
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        stream = ((e, pool.submit(encode_record, e, config)) for g in plan.groups
-                  for e in g.entries)
-        # Keep a bounded window of decodes in flight, consume in order.
-        window: collections.deque = collections.deque()
-        for group in plan.groups:
-            entries_list = shard_table.setdefault(group.split, {}).setdefault(group.label, [])
-            written, index, writer = 0, 0, None
-            for position in range(len(group.entries)):
-                while len(window) < 4 * workers + 1:
-                    nxt = next(stream, None)
-                    if nxt is None:
-                        break
-                    window.append(nxt)
-                entry, future = window.popleft()
-                reason, record = future.result()
-                if bar is not None:
-                    bar.update(1)
-                target = group.shard_index(position)
-                if writer is None or target != index:
-                    if writer is not None:
-                        entries_list.append(writer.close())
-                    index = target
-                    writer = shards.ShardWriter(
-                        out, shards.shard_name(group.split, group.label, index, group.shards))
-                if reason:
-                    entry.skip(reason)
-                    continue
-                writer.write(record)
-                entry.status, entry.shard = "written", writer.final_path.name
-                written += 1
-            if writer is not None:
-                entries_list.append(writer.close())
-            counts.setdefault(group.split, {})[group.label] = written
-    if bar is not None:
-        bar.close()
-    return shard_table, counts
 
 
 def _summary_table(data: dict[str, Any], seconds: float) -> str:
@@ -347,12 +275,19 @@ def _view_counts(entries) -> dict[str, dict[str, int]]:
     return {split: dict(sorted(c.items())) for split, c in sorted(counts.items())}
 
 
+def _writing_modules():
+    """The job's TensorFlow half (TensorFlow takes about 10 s to load): the one place prepare
+    imports it, once the options, the sources and the output folder have been checked."""
+    import_tensorflow()
+    from pneumo_data import shard_writer
+    from pneumo_data.tfds import metadata
+    return shard_writer, metadata
+
+
 def prepare(config: PrepareConfig) -> manifest.Manifest:
     """Runs the ingest job; returns the manifest of the (possibly existing) output."""
-    from pneumo_data import __version__, synthetic
     config.validate()
     if config.runner == "beam":  # without apache-beam: a clear error now, not after hashing
-        from pneumo_data import beam_writer
         beam_writer.pipeline_options(config.beam_pipeline_options)
     if config.source_dir is None:
         config = dataclasses.replace(config, source_dir=str(synthetic.default_dataset_dir()))
@@ -381,6 +316,7 @@ def prepare(config: PrepareConfig) -> manifest.Manifest:
         if existing is not None:
             log.info("%s is up to date (same options, same source files, shards verified): "
                      "nothing to do", out.path)
+            _, tfds_metadata = _writing_modules()
             tfds_metadata.ensure_tfds_metadata(out, existing)  # missing or stale: rewritten
             return existing
         _clear_previous(out, config, stale)
@@ -389,16 +325,18 @@ def prepare(config: PrepareConfig) -> manifest.Manifest:
 
 def _prepare_into(out: OutputDir, config: PrepareConfig, scan: sources.SourceScan,
                   fingerprint: str, version: str) -> manifest.Manifest:
-    from pneumo_data.common.jobs import import_tensorflow
-    import_tensorflow()  # before the clock and the progress bars start
+    shard_writer, tfds_metadata = _writing_modules()  # before the clock and the bars start
     start = time.perf_counter()
     workers = config.num_workers or os.cpu_count() or 1
     plan = make_plan(scan, config, workers, _progress(config.progress), log)
     if config.runner == "beam":
-        from pneumo_data import beam_writer
         shard_table, counts = beam_writer.write_shards(plan, out, config)
     else:
-        shard_table, counts = _write_shards(plan, out, config, workers)
+        total = sum(len(g.entries) for g in plan.groups)
+        bar = _progress(config.progress)(None, total, "decoding") if config.progress else None
+        shard_table, counts = shard_writer.write_shards(plan, out, config, workers, bar)
+        if bar is not None:
+            bar.close()
     _check_counts(counts, plan)
     seconds = time.perf_counter() - start
     data = manifest_data(config, scan, fingerprint, plan, shard_table, counts, seconds, version)
@@ -433,7 +371,7 @@ def manifest_data(config: PrepareConfig, scan: sources.SourceScan, fingerprint: 
                    "views": _view_counts(entries)},
         "image": {"size": config.image_size, "channels": 1, "dtype": "uint8",
                   "encoding": config.encoding, "resize": config.resize},
-        "preprocess": decode.prepare_spec(config).to_dict(),
+        "preprocess": config.preprocess_spec().to_dict(),
         "classes": list(sources.CLASSES),
         "counts": counts,
         "shards": shard_table,

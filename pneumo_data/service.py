@@ -8,10 +8,10 @@ dispatcher)::
     python -m pneumo_data.service --role=worker --port=5051 \
         --dispatcher_address=dispatcher-host:5050 --worker_host=$(hostname)
 
-then read the training stream through them::
+then read the training stream through them (the input reader, :mod:`pneumo_data.reader`)::
 
-    ds = pneumo_data.service.train_dataset("data/xray", "grpc://dispatcher-host:5050",
-                                           batch_size=32, image_size=150, job_name="run-1")
+    ds = pneumo_data.train_dataset("data/xray", batch_size=32, image_size=150,
+                                   service="grpc://dispatcher-host:5050", job_name="run-1")
 
 The data folder must be readable under the same path on every worker (a shared
 file system); the trainer opens it too, to build the graph it ships.
@@ -19,7 +19,7 @@ file system); the trainer opens it too, to build the graph it ships.
 Processing modes, and why:
 
 * **training: ``ShardingPolicy.DYNAMIC``** over a graph built for it
-  (``pipeline.train_dataset_from_config(..., sharding="dynamic")``). Each
+  (``reader.read(..., service=...)`` builds it). Each
   class's shard files are a split source repeated round after round; the
   dispatcher hands each file of a round to one worker, and every worker builds
   its own balanced stream (``sample_from_datasets``) from the files it is given.
@@ -32,12 +32,12 @@ Processing modes, and why:
   "Did not find a shardable source"; measured) and needs a fixed worker list.
   Several trainers (multi-worker training) share one job by passing the same
   ``job_name``: each element goes to one trainer.
-* **evaluation: ``ShardingPolicy.DYNAMIC``** over ``pipeline.eval_dataset``: its
+* **evaluation: ``ShardingPolicy.DYNAMIC``** over the evaluation stream: its
   source is the list of record files, each handed to one worker, so every
   example is produced exactly once (at most once if a worker dies mid-pass);
   batches come back in no fixed order and a worker's last batch may be short.
   Each pass is its own anonymous job; with several trainers, each reads the
-  records of its own share of the files (``eval_dataset(input_context=...)``).
+  records of its own share of the files (``eval_dataset(input_context=..., service=...)``).
 
 What a user gives up by turning the service on:
 
@@ -67,10 +67,10 @@ import os
 import signal
 import sys
 import threading
-from typing import Mapping
 
 from pneumo_data.common.config import option
 from pneumo_data.common.errors import UserError
+from pneumo_data.common.jobs import import_tensorflow
 
 log = logging.getLogger("pneumo.service")
 
@@ -131,7 +131,7 @@ def service_address(address: str) -> str:
 def start_server(config: ServiceConfig):
     """Starts the dispatcher or worker of ``config``; returns (server, address)."""
     config.validate()
-    import tensorflow as tf
+    tf = import_tensorflow()  # the job's TensorFlow half: the one place it loads
     service = tf.data.experimental.service
     if config.role == "dispatcher":
         dispatcher_config = service.DispatcherConfig(
@@ -183,9 +183,7 @@ def serve(config: ServiceConfig, stop: threading.Event | None = None,
 
 
 def main(config: ServiceConfig) -> None:
-    from pneumo_data.common.jobs import import_tensorflow
     config.validate()  # a bad option is an error before TensorFlow loads
-    import_tensorflow()
     _server = serve(config)  # kept referenced: dropping a worker would call its stop()
     if config.role == "worker":
         sys.stdout.flush()
@@ -193,73 +191,7 @@ def main(config: ServiceConfig) -> None:
         os._exit(0)  # no WorkerServer.stop() (see serve)
 
 
-# ---------------------------------------------------------------- streams
-
-def train_dataset(data_dir, service: str, *, batch_size: int = 32, image_size: int = 150,
-                  class_weights: str | Mapping[str, float] | None = None,
-                  augment: str = "device", seed: int | None = None, job_name: str | None = None,
-                  input_context=None, verify_checksums: bool = True):
-    """The rebalanced training stream, produced by tf.data service workers.
-
-    Same elements as :func:`pneumo_data.pipeline.train_dataset` (uint8 images,
-    float32 labels, infinite), built for dynamic sharding (see the module
-    docstring) and read through ``service``.
-
-    Args:
-      service: the dispatcher, ``grpc://host:port`` (or ``host:port``).
-      batch_size: global batch; with ``input_context`` the batches hold the
-        per-replica share (they are formed on the workers).
-      job_name: trainers passing the same name share one job (each element goes
-        to one of them); None: a job of this reader alone.
-    """
-    from pneumo_data.config import PipelineConfig
-    config = PipelineConfig(batch_size=batch_size, image_size=image_size, augment=augment,
-                            cache="none", verify_checksums=verify_checksums)
-    return train_dataset_from_config(data_dir, service, config, seed=seed,
-                                     class_weights=class_weights, job_name=job_name,
-                                     input_context=input_context)
-
-
-def train_dataset_from_config(data_dir, service: str, config, *, seed: int | None = None,
-                              class_weights=None, job_name: str | None = None,
-                              input_context=None):
-    """:func:`train_dataset` driven by a :class:`pneumo_data.config.PipelineConfig` (its
-    cache setting does not apply: service workers do not cache)."""
-    import tensorflow as tf
-
-    from pneumo_data import pipeline
-    dataset = pipeline.train_dataset_from_config(
-        data_dir, config, seed=seed, class_weights=class_weights, input_context=input_context,
-        sharding="dynamic")
-    return dataset.apply(tf.data.experimental.service.distribute(
-        processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
-        service=service_address(service), job_name=job_name))
-
-
-def eval_dataset(data_dir, split: str, service: str, *, batch_size: int = 32,
-                 image_size: int = 150, with_metadata: bool = False,
-                 verify_checksums: bool = True, input_context=None):
-    """Every example of ``split`` once, produced by tf.data service workers.
-
-    Batches arrive in no fixed order, and each worker's last batch may be short. With an
-    ``input_context`` (input pipeline ``i`` of ``P``) only the records of the shard files
-    ``i, i+P, ...`` (see :func:`pneumo_data.pipeline.eval_shares` with ``shard="files"``),
-    in batches of the per-replica share of ``batch_size``. Each iteration is a job of its
-    own.
-    """
-    import tensorflow as tf
-
-    from pneumo_data import pipeline
-    dataset = pipeline.eval_dataset(data_dir, split, batch_size=batch_size,
-                                    image_size=image_size, with_metadata=with_metadata,
-                                    verify_checksums=verify_checksums,
-                                    input_context=input_context, shard="files")
-    return dataset.apply(tf.data.experimental.service.distribute(
-        processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
-        service=service_address(service)))
-
-
 if __name__ == "__main__":
     from pneumo_data.common.jobs import run_job
 
-    run_job("service", ServiceConfig, main, needs_tensorflow=False)
+    run_job("service", ServiceConfig, main)

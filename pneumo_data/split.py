@@ -2,7 +2,7 @@
 
 Images are first joined into *groups*: two images share a group when they share
 a patient id or identical content (sha256), transitively (connected components,
-union-find). Identical files under different patient ids therefore always land
+``scipy.sparse.csgraph``). Identical files under different patient ids therefore always land
 in the same split, and no patient can be on two sides.
 
 Groups are then assigned to splits per class stratum (a group's class is its
@@ -20,6 +20,8 @@ from collections import defaultdict
 from typing import Hashable, Sequence
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from pneumo_data.common.errors import UserError
 
@@ -28,44 +30,33 @@ class LeakageError(UserError):
     """A patient or an identical image would appear in two splits."""
 
 
-class _UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
-
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-
 def connected_groups(*keys_per_item: Sequence[Hashable]) -> list[int]:
     """Group index per item: items sharing any key (per key kind) share a group.
 
     ``connected_groups(patient_ids, hashes)`` joins items with equal patient id
-    or equal hash, transitively. Group indices are dense and ordered by the
-    first item of each group.
+    or equal hash, transitively (the connected components of the graph whose edges join
+    items with an equal key, by ``scipy.sparse.csgraph``). ``None`` keys join nothing.
+    Group indices are dense and ordered by the first item of each group.
     """
     n = len(keys_per_item[0])
     if any(len(keys) != n for keys in keys_per_item):
         raise ValueError("all key sequences must have one key per item")
-    uf = _UnionFind(n)
+    if n == 0:
+        return []
+    rows, cols = [], []
     for keys in keys_per_item:
         first_seen: dict[Hashable, int] = {}
         for i, key in enumerate(keys):
-            if key is None:
-                continue
-            if key in first_seen:
-                uf.union(first_seen[key], i)
-            else:
-                first_seen[key] = i
-    roots: dict[int, int] = {}
-    return [roots.setdefault(uf.find(i), len(roots)) for i in range(n)]
+            if key is not None:
+                rows.append(first_seen.setdefault(key, i))
+                cols.append(i)
+    graph = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    # Number the components by their first item (scipy's own numbering is not promised).
+    _, first = np.unique(labels, return_index=True)
+    order = np.empty(len(first), np.int64)
+    order[np.argsort(first)] = np.arange(len(first))
+    return order[labels].tolist()
 
 
 def assign_splits(groups: Sequence[int], labels: Sequence[int],

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo_data import decode
+from pneumo_data import synthetic
 from pneumo_data.common.config import group, option
 from pneumo_data.common.errors import UserError
 from pneumo_data.common.files import replacing
+from pneumo_data.common.jobs import import_tensorflow
 from pneumo_data.config import AugmentConfig
+from pneumo_data.preprocess import DecodeError, PreprocessSpec, decode
 
 SOFTWARE_TAG = "pneumo_data.visualize"
 
@@ -34,8 +36,7 @@ class VisualizeConfig:
 
 def augmented_grid(pixels: np.ndarray, params: AugmentConfig, seed: int) -> np.ndarray:
     """Nine augmented copies [9, H, W] uint8 of one [H, W] uint8 image (first: original)."""
-    import tensorflow as tf
-
+    tf = import_tensorflow()  # the job's TensorFlow half: the one place it loads
     from pneumo_data.augment import augment_batch
     batch = tf.constant(np.repeat(pixels[None, :, :, None], 9, axis=0))
     out = augment_batch(batch, params, tf.constant([seed, 0], tf.int64)).numpy()[..., 0]
@@ -77,12 +78,11 @@ def visualize(config: VisualizeConfig) -> Path:
                         f"replacing it. Choose another --output")
     path = config.image
     if path is None:
-        from pneumo_data import synthetic
         folder = synthetic.default_dataset_dir() / "train" / "PNEUMONIA"
         path = next(iter(sorted(folder.iterdir())))
     try:
-        pixels = decode.decode_to_gray(Path(path).read_bytes(), config.image_size)
-    except (OSError, decode.DecodeError) as error:
+        pixels = decode(path, PreprocessSpec(stored_size=config.image_size)).pixels
+    except (OSError, DecodeError) as error:
         raise UserError(f"cannot read {path}: {error}") from None
     params = config.augmentation
     title = (f"{Path(path).name}: rotation ±{params.rotation_deg}°, shear ±{params.shear_deg}°, "

@@ -36,12 +36,6 @@ def partial_path(path: str | os.PathLike, is_dir: bool = False) -> Path:
     return path.with_name(f"{path.stem}.{PARTIAL}{path.suffix}")
 
 
-def is_partial_name(name: str) -> bool:
-    """True for names made by :func:`partial_path` (``x.partial.json``, ``export.partial``)."""
-    parts = name.split(".")
-    return PARTIAL in parts[1:]
-
-
 @contextlib.contextmanager
 def replacing(path: str | os.PathLike):
     """Yields a partial path beside ``path``; renames it onto ``path`` on success.

@@ -15,8 +15,13 @@
   1, no traceback; so does a permission or disk-full error. Anything else is a bug and keeps
   its traceback. Ctrl-C ends with status 130 and one line.
 
-Jobs must not import TensorFlow at module import time (configs live in TF-free modules), so
-that this filter is in place before TensorFlow's first line.
+Where TensorFlow loads. A job module imports no TensorFlow at module level (its config and
+checks are TF-free), so ``--helpfull``, a bad flag, a missing folder or a busy output folder
+are answered in about a second rather than after TensorFlow's 10-15 s load. Each job has one
+documented place, after its checks, where it calls :func:`import_tensorflow` (which installs
+the start-up filter) and then imports its TensorFlow half (the modules that import TensorFlow
+at module level: the reader, the models, the loop, the exports...). ``run_job`` itself never
+loads TensorFlow.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ _NOISE = (
     re.compile(r"^To enable the following instructions: .*rebuild TensorFlow"),
 )
 _imported = False
+_verbosity = 0  # --verbosity of the job run_job runs
 
 
 def _is_noise(line: str) -> bool:
@@ -71,14 +77,16 @@ def filtered_stderr(drop: Callable[[str], bool] | None = None):
                 print("\n".join(kept), file=sys.stderr, flush=True)
 
 
-def import_tensorflow(verbosity: int = 0):
+def import_tensorflow(verbosity: int | None = None):
     """Imports TensorFlow (once) with its start-up noise filtered; returns the module.
 
-    With ``verbosity >= 1`` nothing is filtered and TensorFlow's C++ log threshold stays
-    where the environment put it. Otherwise ``TF_CPP_MIN_LOG_LEVEL`` defaults to 2 (later C++
-    INFO and WARNING lines hidden, errors shown) unless the environment sets it.
+    With ``verbosity >= 1`` (default: the running job's ``--verbosity``) nothing is filtered
+    and TensorFlow's C++ log threshold stays where the environment put it. Otherwise
+    ``TF_CPP_MIN_LOG_LEVEL`` defaults to 2 (later C++ INFO and WARNING lines hidden, errors
+    shown) unless the environment sets it.
     """
     global _imported
+    verbosity = _verbosity if verbosity is None else verbosity
     if verbosity >= 1 or _imported or "tensorflow" in sys.modules:
         import tensorflow as tf
         _imported = True
@@ -103,7 +111,7 @@ def _error_exit(name: str, message: str, code: int = 1):
     raise SystemExit(code)
 
 
-def run_job(name: str, config_cls, job: Callable, *, needs_tensorflow: bool = True) -> None:
+def run_job(name: str, config_cls, job: Callable) -> None:
     """Parses the flags of ``config_cls``, then runs ``job(config)`` (see the module docstring)."""
     from absl import app, flags
 
@@ -116,9 +124,9 @@ def run_job(name: str, config_cls, job: Callable, *, needs_tensorflow: bool = Tr
         level = logging.WARNING if verbosity < 0 else logging.INFO
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
                             force=True)
+        global _verbosity
+        _verbosity = verbosity
         try:
-            if needs_tensorflow:
-                import_tensorflow(verbosity)
             job(config_from_flags(config_cls))
         except UserError as error:
             _error_exit(name, str(error))

@@ -132,6 +132,10 @@ class OutputDir:
             self._fd = None
 
     @property
+    def is_open(self) -> bool:
+        return self._fd is not None
+
+    @property
     def ledger_path(self) -> Path:
         return self.path / LEDGER_NAME
 

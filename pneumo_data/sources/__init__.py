@@ -16,8 +16,10 @@ and :func:`find_sources` read the Kaggle layout as before.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
+import pneumo_data.sources.presets as presets
 from pneumo_data.common.errors import UserError
 from pneumo_data.sources.base import (
     CLASSES,
@@ -30,6 +32,7 @@ from pneumo_data.sources.base import (
     SourceScan,
 )
 from pneumo_data.sources.config import PRESET_CHOICES, SourceConfig
+from pneumo_data.sources.csv_labels import CsvLabelConfig, LabelTable, parse_values
 from pneumo_data.sources.kaggle import (
     DEFAULT_PATIENT_ID_REGEX,
     detect_layout,
@@ -55,7 +58,6 @@ _KNOB_NAMES = {"chexpert_valid": "valid_split"}  # flag name -> preset builder a
 
 
 def _tables(text: str):
-    from pneumo_data.sources.csv_labels import LabelTable
     tables = []
     for item in text.split(","):
         item = item.strip()
@@ -69,7 +71,6 @@ def _tables(text: str):
 
 def _views(config: SourceConfig) -> tuple[str, ...] | None | str:
     """The --views value: a tuple, ``None`` (all), or ``"default"`` (the preset's own)."""
-    from pneumo_data.sources.csv_labels import parse_values
     if config.views is None:
         return "default"
     if config.views.strip().lower() == "all":
@@ -82,7 +83,6 @@ def _views(config: SourceConfig) -> tuple[str, ...] | None | str:
 
 def _overrides(config: SourceConfig, patient_id_regex: str) -> dict:
     """CsvLabelConfig fields the generic flags set (only those given)."""
-    from pneumo_data.sources.csv_labels import parse_values
     out = {}
     for flag, field in (("path_column", "path_column"), ("label_column", "label_column"),
                         ("patient_column", "patient_column"), ("label_separator", "separator"),
@@ -107,7 +107,6 @@ def _overrides(config: SourceConfig, patient_id_regex: str) -> dict:
 
 def csv_config(config: SourceConfig, patient_id_regex: str = DEFAULT_PATIENT_ID_REGEX):
     """The :class:`~pneumo_data.sources.csv_labels.CsvLabelConfig` of ``--preset=csv``."""
-    from pneumo_data.sources.csv_labels import CsvLabelConfig
     if not config.labels_csv:
         raise SourceOptionError("--preset=csv needs --labels_csv (and --path_column, "
                                 "--label_column)")
@@ -133,9 +132,6 @@ def scan(source_dir: str | os.PathLike, config: SourceConfig | None = None,
       SourceOptionError, presets.PresetError, csv_labels.CsvLabelError, SourceLayoutError:
         the folder or the options are unusable; the message says why.
     """
-    import dataclasses
-
-    from pneumo_data.sources import presets
     config = config or SourceConfig()
     preset = config.preset
     if preset == "auto" and config.labels_csv:

@@ -45,8 +45,8 @@ import re
 from pathlib import Path
 from typing import Iterable
 
+import pneumo_data.sources.dicom_tags as dicom_tags
 from pneumo_data.common.errors import UserError
-from pneumo_data.sources import dicom_tags
 from pneumo_data.sources.base import (
     FileOutcome,
     Ignored,

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pneumo_data.preprocess.dicom import DicomDecodeError, read_dicom_info
+
 DICOM_SUFFIXES = (".dcm", ".dicom", "")  # "": DICOM exports often have no suffix
 
 
@@ -20,8 +22,8 @@ def may_be_dicom(relpath: str) -> bool:
 
 
 def read_tags(path: Path):
-    """The file's :class:`pneumo_data.dicom.DicomInfo` (header only), or ``None``."""
-    from pneumo_data.dicom import DicomDecodeError, read_dicom_info
+    """The file's :class:`pneumo_data.preprocess.dicom.DicomInfo` (header only), or
+    ``None``."""
     try:
         return read_dicom_info(path)
     except (DicomDecodeError, OSError):

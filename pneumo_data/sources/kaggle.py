@@ -30,7 +30,7 @@ import os
 import re
 from pathlib import Path
 
-from pneumo_data.sources import dicom_tags
+import pneumo_data.sources.dicom_tags as dicom_tags
 from pneumo_data.sources.base import (
     CLASSES,
     OFFICIAL_SPLITS,

@@ -63,8 +63,9 @@ import inspect
 from pathlib import Path
 from typing import Any
 
+import pneumo_data.sources.csv_labels as csv_labels
+import pneumo_data.sources.kaggle as kaggle
 from pneumo_data.common.errors import UserError
-from pneumo_data.sources import csv_labels, kaggle
 from pneumo_data.sources.base import SourceLayoutError, SourceScan
 from pneumo_data.sources.csv_labels import CsvLabelConfig, CsvLabelError, LabelTable
 

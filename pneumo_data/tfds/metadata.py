@@ -7,7 +7,6 @@
     from pneumo_data.tfds import metadata
     metadata.write_tfds_metadata("data/xray")
 
-    import tensorflow_datasets as tfds
     builder = tfds.builder_from_directory("data/xray")
     builder.info.splits.keys()      # train-normal, train-pneumonia, val-normal, ...
     train = builder.as_dataset(split=metadata.split_spec("train"))   # both classes
@@ -57,12 +56,18 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import file_adapters, naming
+
 from pneumo_data import manifest as manifest_lib
 from pneumo_data.common.errors import UserError
 from pneumo_data.common.outputs import OutputDir
+from pneumo_data.records import FEATURES
+from pneumo_data.sources import CLASSES
+from pneumo_data.tfds.features import RawImage
 
-# TensorFlow Datasets is imported inside the functions (absolute imports only:
-# this package is itself named ``tfds``), so importing this module stays cheap.
+# TensorFlow Datasets is imported absolutely (this package is itself named ``tfds``).
 
 __all__ = ["TfdsMetadataError", "write_tfds_metadata", "check_tfds_metadata",
            "ensure_tfds_metadata", "load_builder", "split_spec", "tfds_split_name",
@@ -184,7 +189,6 @@ def split_spec(split: str, data_dir=None, manifest=None) -> str:
         either, both classes are named (``normal``, ``pneumonia``).
     """
     if data_dir is None and manifest is None:
-        from pneumo_data.sources import CLASSES
         return "+".join(tfds_split_name(split, label) for label in CLASSES)
     m = _as_manifest(data_dir, manifest)
     m.require_split(split)
@@ -206,10 +210,6 @@ def manifest_digest(data: Mapping[str, Any]) -> str:
 
 def image_feature(image: Mapping[str, Any]):
     """The TFDS feature that decodes the stored image bytes without rewriting them."""
-    import numpy as np
-    import tensorflow_datasets as tfds
-
-    from pneumo_data.tfds.features import RawImage
     size, channels = int(image["size"]), int(image.get("channels", 1))
     shape = (size, size, channels)
     encoding = image["encoding"]
@@ -222,21 +222,19 @@ def image_feature(image: Mapping[str, Any]):
 
 
 def feature_dict(image: Mapping[str, Any], classes):
-    """The ``FeaturesDict`` of pneumo's records (see the module table).
+    """The ``FeaturesDict`` of pneumo's records, derived from
+    :data:`pneumo_data.records.FEATURES` (see the module table).
 
     Args:
       image: the manifest's ``image`` entry (size, channels, encoding, resize).
       classes: class names in label order.
     """
-    import tensorflow_datasets as tfds
-    return tfds.features.FeaturesDict({
-        "image": image_feature(image),
-        "label": tfds.features.ClassLabel(names=list(classes)),
-        "subtype": tfds.features.Text(doc="none, bacterial, viral or unknown"),
-        "patient_id": tfds.features.Text(doc="patient id parsed from the file name"),
-        "source_path": tfds.features.Text(doc="source file, relative to the source folder"),
-        "source_sha256": tfds.features.Text(doc="sha256 of the source file's bytes"),
-    })
+    connectors = {
+        "image": lambda f: image_feature(image),
+        "label": lambda f: tfds.features.ClassLabel(names=list(classes)),
+        "text": lambda f: tfds.features.Text(doc=f.doc),
+    }
+    return tfds.features.FeaturesDict({f.name: connectors[f.kind](f) for f in FEATURES})
 
 
 def features(m: manifest_lib.Manifest):
@@ -277,8 +275,6 @@ def dataset_info(data_dir, manifest=None, *, description: str | None = None,
       citation, homepage: of the source dataset (default: from the manifest's source,
         :func:`source_reference`).
     """
-    import tensorflow_datasets as tfds
-    from tensorflow_datasets.core import file_adapters, naming
     m = _as_manifest(data_dir, manifest)
     data_dir = Path(data_dir)
     known_citation, known_homepage, source_paragraph = source_reference(m.data)
@@ -394,7 +390,6 @@ def check_tfds_metadata(data_dir, manifest=None) -> None:
     shard files and lengths, the image feature (shape, stored encoding), the
     label names, and the digest of the manifest recorded at writing time.
     """
-    import tensorflow_datasets as tfds
     m = _as_manifest(data_dir, manifest)
     data_dir = Path(data_dir)
     if not (data_dir / "dataset_info.json").exists():
@@ -445,6 +440,5 @@ def check_tfds_metadata(data_dir, manifest=None) -> None:
 
 def load_builder(data_dir):
     """``tfds.builder_from_directory(data_dir)`` after checking it against the manifest."""
-    import tensorflow_datasets as tfds
     check_tfds_metadata(data_dir)
     return tfds.builder_from_directory(os.fspath(data_dir))

@@ -11,7 +11,7 @@ r"""TFDS builder for the Kermany et al. chest X-ray folder, built with pneumo's 
 Planning is pneumo's (:func:`pneumo_data.plan.make_plan`: find, hash,
 patient-grouped split, leakage check), so every file lands in the split
 ``prepare`` gives it for the same options and seed. Each example comes from
-prepare's own "planned file -> record" step (:func:`pneumo_data.prepare.encode_record`:
+prepare's own "planned file -> record" step (:func:`pneumo_data.shard_writer.encode_record`:
 read, check the hash, decode, encode), so the stored image bytes are prepare's.
 TFDS then writes, shuffles and shards the examples its own way (its file names,
 its record order).
@@ -36,10 +36,20 @@ import os
 import time
 from pathlib import Path
 
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from pneumo_data import decode, sources
+from pneumo_data import __version__, records_tf, sources
+from pneumo_data import manifest as manifest_lib
+from pneumo_data.common.config import with_leaves
 from pneumo_data.common.errors import UserError
+from pneumo_data.common.files import file_sha256
+from pneumo_data.plan import make_plan, source_fingerprint
+from pneumo_data.prepare import PrepareConfig, manifest_data
+from pneumo_data.preprocess import DEFAULT_MAX_PIXELS
+from pneumo_data.preprocess.dicom import looks_like_dicom
+from pneumo_data.shard_writer import encode_record
+from pneumo_data.tfds import metadata
 
 log = logging.getLogger("pneumo.tfds.builder")
 
@@ -61,14 +71,12 @@ class ChestXrayConfig(tfds.core.BuilderConfig):
     test_fraction: float = 0.15
     seed: int = 0
     patient_id_regex: str = sources.DEFAULT_PATIENT_ID_REGEX
-    max_pixels: int = decode.DEFAULT_MAX_PIXELS
+    max_pixels: int = DEFAULT_MAX_PIXELS
     fast_jpeg: bool = True
     allow_leakage: bool = False
 
     def prepare_config(self, source_dir):
         """The equivalent ``PrepareConfig`` (same split, same decode, same stored bytes)."""
-        from pneumo_data.common.config import with_leaves
-        from pneumo_data.prepare import PrepareConfig
         leaves = {f.name: getattr(self, f.name) for f in dataclasses.fields(ChestXrayConfig)
                   if f.name not in _TFDS_FIELDS}
         config = with_leaves(PrepareConfig(), output_dir="(tfds)", source_dir=str(source_dir),
@@ -110,7 +118,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     """
 
     def _info(self) -> tfds.core.DatasetInfo:
-        from pneumo_data.tfds import metadata
         config = self.builder_config
         image = {"size": config.image_size, "channels": 1, "encoding": config.encoding,
                  "resize": config.resize}
@@ -134,8 +141,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         self._write_pneumo_manifest()
 
     def _split_generators(self, dl_manager):
-        from pneumo_data.plan import make_plan, source_fingerprint
-        from pneumo_data.tfds import metadata
         manual_dir = Path(dl_manager.manual_dir).resolve()
         config = self.builder_config.prepare_config(manual_dir)
         try:
@@ -163,13 +168,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     # ------------------------------------------------------------ pneumo's manifest
 
     def _write_pneumo_manifest(self) -> None:
-        import tensorflow as tf
-
-        from pneumo_data import __version__
-        from pneumo_data import manifest as manifest_lib
-        from pneumo_data.common.files import file_sha256
-        from pneumo_data.prepare import encode_record, manifest_data
-        from pneumo_data.tfds import metadata
         config, scan, fingerprint, plan = self._pneumo_plan
         shard_table: dict = {}
         counts: dict = {}
@@ -180,8 +178,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             info = self.info.splits.get(metadata.tfds_split_name(g.split, g.label))
             for path in sorted(info.filepaths) if info is not None else []:
                 relpaths = [r.numpy().decode() for r in tf.data.TFRecordDataset(str(path)).map(
-                    lambda x: tf.io.parse_single_example(
-                        x, {"source_path": tf.io.FixedLenFeature([], tf.string)})["source_path"])]
+                    lambda x: records_tf.parse(x, names=("source_path",))[
+                        "source_path"])]
                 entries.append({"file": Path(path).name, "records": len(relpaths),
                                 "bytes": os.path.getsize(path), "sha256": file_sha256(path)})
                 counts[g.split][g.label] += len(relpaths)
@@ -208,11 +206,10 @@ def _no_progress(iterable, total, desc):
 
 
 def _looks_like_dicom(entry) -> bool:
-    """DICOM by content, as prepare's decode decides (``dicom.decode_any``)."""
-    from pneumo_data import dicom
+    """DICOM by content, as prepare's decode decides (:func:`pneumo_data.preprocess.decode`)."""
     with open(entry.source.path, "rb") as handle:
         head = handle.read(256)
-    return dicom.is_dicom(head) or dicom._bare_dataset(head)
+    return looks_like_dicom(head)
 
 
 def _examples_of(entry, config):
@@ -220,17 +217,9 @@ def _examples_of(entry, config):
 
     The example holds exactly what prepare's record for the entry holds.
     """
-    import tensorflow as tf
-
-    from pneumo_data.prepare import encode_record
     reason, record = encode_record(entry, config)
     if reason:
         logging.getLogger("pneumo.tfds.builder").warning("skipping %s: %s",
                                                          entry.source.relpath, reason)
         return []
-    feature = tf.train.Example.FromString(record).features.feature
-    example = {key: feature[key].bytes_list.value[0].decode()
-               for key in ("subtype", "patient_id", "source_path", "source_sha256")}
-    example["image"] = feature["image"].bytes_list.value[0]
-    example["label"] = int(feature["label"].int64_list.value[0])
-    return [(entry.source.relpath, example)]
+    return [(entry.source.relpath, records_tf.values(record))]

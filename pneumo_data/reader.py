@@ -1,12 +1,21 @@
-"""The streaming pipeline: prepared shards to rebalanced, cached, prefetched batches.
+"""The one input reader: a prepared folder to a tf.data stream, for training or evaluation.
 
 ::
 
     import pneumo_data
+    from pneumo_data.config import PipelineConfig
+    train = pneumo_data.read("data/xray", PipelineConfig(batch_size=32), mode="train", seed=0)
+    val = pneumo_data.read("data/xray", PipelineConfig(batch_size=32), mode="eval", split="val")
+    # the same, with keywords (every default comes from PipelineConfig):
     train = pneumo_data.train_dataset("data/xray", batch_size=32, image_size=150, seed=0)
     steps = pneumo_data.steps_per_epoch("data/xray", batch_size=32)
     val = pneumo_data.eval_dataset("data/xray", "val")
     model.fit(train, steps_per_epoch=steps, validation_data=val, epochs=10)
+    # produced by tf.data service workers (python -m pneumo_data.service):
+    train = pneumo_data.read("data/xray", config, service="grpc://dispatcher:5050")
+
+:func:`read` is the entry point every job, the service and the benchmarks use;
+:func:`train_dataset` and :func:`eval_dataset` are keyword forms of it.
 
 Training graph, per class::
 
@@ -44,18 +53,20 @@ import tensorflow as tf
 
 from pneumo_data import augment as augment_lib
 from pneumo_data import manifest as manifest_lib
-from pneumo_data import preprocess, shards
+from pneumo_data import records_tf
 from pneumo_data.common.errors import UserError
 from pneumo_data.config import AUGMENT_MODES, AugmentConfig, PipelineConfig
+from pneumo_data.preprocess.model_input_tf import to_model_input
+from pneumo_data.records import METADATA
+from pneumo_data.service import service_address
 
 AUTOTUNE = tf.data.AUTOTUNE
 MAX_SHUFFLE_BUFFER = 20_000
-SHARDINGS = ("input_context", "dynamic")
+MODES = ("train", "eval")
 EVAL_SHARDS = ("records", "files")
 
-__all__ = ["train_dataset", "train_dataset_from_config", "eval_dataset", "steps_per_epoch",
-           "eval_size", "eval_shares", "parse_class_weights", "PipelineConfig",
-           "AUGMENT_MODES"]
+__all__ = ["read", "train_dataset", "eval_dataset", "steps_per_epoch", "eval_size",
+           "eval_shares", "parse_class_weights", "PipelineConfig", "AUGMENT_MODES", "MODES"]
 
 
 def parse_class_weights(spec: str | Mapping[str, float] | None,
@@ -100,15 +111,14 @@ def _decode_fn(m: manifest_lib.Manifest, image_size: int, with_metadata: bool):
     encoding = m.encoding
 
     def fn(serialized):
-        features = shards.parse_example(serialized, encoding, stored)
+        features = records_tf.parse(serialized, encoding, stored)
         # Stage (b) of the one preprocessing definition: the same integer resize runs in
         # predict and inside every export, so the model sees the same bits everywhere.
-        image = preprocess.to_model_input(features["image"], image_size)
+        image = to_model_input(features["image"], image_size)
         label = tf.cast(tf.reshape(features["label"], [1]), tf.float32)
         if not with_metadata:
             return image, label
-        meta = {k: features[k] for k in ("patient_id", "subtype", "source_path")}
-        return image, label, meta
+        return image, label, {k: features[k] for k in METADATA}
 
     return fn
 
@@ -129,9 +139,9 @@ def _options(deterministic: bool) -> tf.data.Options:
 
 
 def _class_stream(m, label: str, config: PipelineConfig, seed, deterministic: bool,
-                  input_context, sharding: str = "input_context") -> tf.data.Dataset:
+                  input_context, dynamic: bool = False) -> tf.data.Dataset:
     files = m.shard_paths("train", label)
-    if sharding == "dynamic":
+    if dynamic:
         return _dynamic_class_stream(m, label, files, config, seed, deterministic)
     if input_context is not None and input_context.num_input_pipelines > 1:
         n, i = input_context.num_input_pipelines, input_context.input_pipeline_id
@@ -202,56 +212,61 @@ def _content_seed(images: tf.Tensor) -> tf.Tensor:
     return tf.stack([mixed % 2_147_483_647, mixed // 2_147_483_647 % 2_147_483_647])
 
 
-def train_dataset(data_dir, *, batch_size: int = 32, image_size: int = 150,
-                  class_weights: str | Mapping[str, float] | None = None,
-                  augment: str = "device", cache: bool | str = True, seed: int | None = None,
-                  deterministic: bool = False,
-                  input_context: tf.distribute.InputContext | None = None,
-                  augmentation: AugmentConfig | None = None,
-                  verify_checksums: bool = True) -> tf.data.Dataset:
-    """The infinite, rebalanced training stream of ``(uint8 [B,H,W,1], float32 [B,1])``.
+def read(data_dir, config: PipelineConfig | None = None, *, mode: str = "train",
+         split: str | None = None, seed: int | None = None, deterministic: bool = False,
+         class_weights: str | Mapping[str, float] | None = None,
+         input_context: tf.distribute.InputContext | None = None,
+         with_metadata: bool = False, shard: str = "records", service: str | None = None,
+         job_name: str | None = None) -> tf.data.Dataset:
+    """The stream of a prepared folder (the one input reader; see the module docstring).
 
     Args:
       data_dir: a folder written by ``pneumo_data.prepare``.
-      batch_size: global batch size (per replica with an ``input_context``).
-      image_size: side of the square images.
-      class_weights: target class mix, a mapping or ``'normal=1,pneumonia=2'``;
-        None balances the classes.
-      augment: ``host`` augments in tf.data; ``device`` and ``none`` leave the
-        images as they are (``device``: the model's own augmentation layer
-        does it on the accelerator).
-      cache: True (memory), False, or a file path prefix for an on-disk cache.
-      seed: seeds shuffling, class sampling and host augmentation.
-      deterministic: reproducible order; with a seed, the same stream each run.
-      input_context: from ``tf.distribute``; shards files across input pipelines.
-      augmentation: ranges for host augmentation (default: ``AugmentConfig()``, the default
-        recipe's; ``AugmentConfig.seed_recipe()`` is the old recipe's).
-      verify_checksums: check shard sha256 first (sizes are always checked).
-
-    Use :func:`steps_per_epoch` for the epoch length.
+      config: batch size, image size, class mix, augmentation, cache, checksums
+        (default: ``PipelineConfig()``).
+      mode: ``train``: the infinite, rebalanced training stream of ``(uint8 [B,H,W,1],
+        float32 [B,1])`` (:func:`train_dataset`); ``eval``: every example of ``split``
+        exactly once, in a fixed order, unaugmented (:func:`eval_dataset`).
+      split: the split to evaluate (``eval`` only; the training stream reads ``train``).
+      seed: seeds shuffling, class sampling and host augmentation (``train``).
+      deterministic: reproducible order; with a seed, the same stream each run (``train``).
+      class_weights: target class mix overriding ``config.class_weights`` (``train``).
+      input_context: from ``tf.distribute``; each input pipeline reads its share.
+      with_metadata, shard: see :func:`eval_dataset` (``eval``).
+      service: ``grpc://host:port`` of a tf.data service dispatcher: the stream is produced
+        by its workers (``ShardingPolicy.DYNAMIC``, see :mod:`pneumo_data.service`); the
+        cache does not apply and, for ``eval``, ``shard`` is ``files``.
+      job_name: ``train`` with a service: trainers passing the same name share one job
+        (each element goes to one of them); None: a job of this reader alone.
     """
-    config = PipelineConfig(batch_size=batch_size, image_size=image_size,
-                            class_weights=None, augment=augment, cache=_as_cache(cache),
-                            verify_checksums=verify_checksums,
-                            augmentation=augmentation or AugmentConfig())
-    return train_dataset_from_config(data_dir, config, class_weights=class_weights, seed=seed,
-                                     deterministic=deterministic, input_context=input_context)
+    config = config or PipelineConfig()
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "train":
+        if split not in (None, "train"):
+            raise ValueError(f"the training stream reads the train split, not {split!r}")
+        dataset = _train_stream(data_dir, config, seed=seed, deterministic=deterministic,
+                                class_weights=class_weights, input_context=input_context,
+                                dynamic=service is not None)
+    else:
+        if split is None:
+            raise ValueError("mode='eval' needs the split to read")
+        dataset = _eval_stream(data_dir, split, config, with_metadata=with_metadata,
+                               input_context=input_context,
+                               shard="files" if service is not None else shard)
+    if service is None:
+        return dataset
+    return dataset.apply(tf.data.experimental.service.distribute(
+        processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
+        service=service_address(service), job_name=job_name if mode == "train" else None))
 
 
-def train_dataset_from_config(data_dir, config: PipelineConfig, *, seed: int | None = None,
-                              deterministic: bool = False, class_weights=None,
-                              input_context=None,
-                              sharding: str = "input_context") -> tf.data.Dataset:
-    """:func:`train_dataset` driven by a :class:`PipelineConfig` (``class_weights`` given
-    here overrides the config's).
-
-    ``sharding="dynamic"`` builds the graph for tf.data service dynamic sharding (see
-    :mod:`pneumo_data.service`): each class's files are the split source, no cache,
-    no prefetch, and ``input_context`` only sets the per-replica batch.
-    """
-    if sharding not in SHARDINGS:
-        raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
-    if sharding == "input_context":
+def _train_stream(data_dir, config: PipelineConfig, *, seed, deterministic, class_weights,
+                  input_context, dynamic: bool) -> tf.data.Dataset:
+    """The training graph; ``dynamic`` builds it for tf.data service dynamic sharding (see
+    :mod:`pneumo_data.service`): each class's files are the split source, no cache, no
+    prefetch, and ``input_context`` only sets the per-replica batch."""
+    if not dynamic:
         seed = _pipeline_seed(seed, input_context)
     m = _open(data_dir, "train", config)
     weights = parse_class_weights(class_weights if class_weights is not None
@@ -265,7 +280,7 @@ def train_dataset_from_config(data_dir, config: PipelineConfig, *, seed: int | N
                             f"class weight is {weight:.3f}")
         stream_seed = None if seed is None else seed + 1000 * (len(streams) + 1)
         streams.append(_class_stream(m, label, config, stream_seed, deterministic,
-                                     input_context, sharding))
+                                     input_context, dynamic))
         used.append(weight)
     ds = tf.data.Dataset.sample_from_datasets(
         streams, weights=used, seed=seed, stop_on_empty_dataset=True,
@@ -278,7 +293,6 @@ def train_dataset_from_config(data_dir, config: PipelineConfig, *, seed: int | N
     if config.augment == "host":
         params = config.augmentation
         seeds = tf.data.Dataset.random(seed=seed).batch(2)
-        dynamic = sharding == "dynamic"
 
         def augment(batch, s):
             if dynamic:
@@ -286,41 +300,13 @@ def train_dataset_from_config(data_dir, config: PipelineConfig, *, seed: int | N
             return augment_lib.augment_batch(batch[0], params, s), batch[1]
         ds = tf.data.Dataset.zip(ds, seeds).map(augment, num_parallel_calls=AUTOTUNE,
                                                 deterministic=deterministic)
-    if sharding != "dynamic":  # a service worker buffers by itself; a prefetch here made it
+    if not dynamic:  # a service worker buffers by itself; a prefetch here made it
         ds = ds.prefetch(AUTOTUNE)  # pull files ahead and images repeat sooner (measured)
     return ds.with_options(_options(deterministic))
 
 
-def steps_per_epoch(data_dir, batch_size: int = 32) -> int:
-    """Batches per epoch: as many images as the train split holds (at least 1).
-
-    ``batch_size`` is the global batch (all replicas together).
-    """
-    if batch_size <= 0:
-        raise UserError(f"batch_size must be positive, got {batch_size}")
-    m = manifest_lib.load_manifest(data_dir)
-    return max(1, m.count("train") // batch_size)
-
-
-def eval_dataset(data_dir, split: str, *, batch_size: int = 32, image_size: int = 150,
-                 with_metadata: bool = False, verify_checksums: bool = True,
-                 input_context: tf.distribute.InputContext | None = None,
-                 shard: str = "records") -> tf.data.Dataset:
-    """Every example of ``split`` exactly once, in a fixed order, unaugmented.
-
-    Yields ``(images uint8 [B,H,W,1], labels float32 [B,1])``, the last batch
-    possibly smaller; with ``with_metadata`` a third element, a dict of
-    ``patient_id``, ``subtype`` and ``source_path`` string tensors [B].
-
-    With an ``input_context`` (input pipeline ``i`` of ``P``) it yields only that
-    pipeline's share and ``batch_size`` is the global batch (each batch holds the
-    per-replica share): with ``shard="records"`` the examples ``i, i+P, i+2P, ...``
-    of the fixed order; with ``shard="files"`` the records of the shard files
-    ``i, i+P, ...`` (for tf.data service dynamic sharding, whose splits are files).
-    :func:`eval_shares` gives the share sizes.
-    """
-    config = PipelineConfig(batch_size=batch_size, image_size=image_size,
-                            verify_checksums=verify_checksums)
+def _eval_stream(data_dir, split: str, config: PipelineConfig, *, with_metadata: bool,
+                 input_context, shard: str) -> tf.data.Dataset:
     m = _open(data_dir, split, config)
     files = [path for label in m.classes for path in m.shard_paths(split, label)]
     if not files or m.count(split) == 0:
@@ -334,12 +320,97 @@ def eval_dataset(data_dir, split: str, *, batch_size: int = 32, image_size: int 
                                  num_parallel_reads=None)
     if shard == "records" and pipelines > 1:
         ds = ds.shard(pipelines, input_context.input_pipeline_id)
-    ds = ds.map(_decode_fn(m, image_size, with_metadata), num_parallel_calls=AUTOTUNE,
+    ds = ds.map(_decode_fn(m, config.image_size, with_metadata), num_parallel_calls=AUTOTUNE,
                 deterministic=True)
+    batch_size = config.batch_size
     if input_context is not None:
         batch_size = input_context.get_per_replica_batch_size(batch_size)
     ds = ds.batch(batch_size, drop_remainder=False)
     return ds.prefetch(AUTOTUNE).with_options(_options(True))
+
+
+_DEFAULT = PipelineConfig()
+
+
+def train_dataset(data_dir, *, batch_size: int = _DEFAULT.batch_size,
+                  image_size: int = _DEFAULT.image_size,
+                  class_weights: str | Mapping[str, float] | None = None,
+                  augment: str = _DEFAULT.augment, cache: bool | str = _DEFAULT.cache,
+                  seed: int | None = None, deterministic: bool = False,
+                  input_context: tf.distribute.InputContext | None = None,
+                  augmentation: AugmentConfig | None = None,
+                  verify_checksums: bool = _DEFAULT.verify_checksums,
+                  service: str | None = None, job_name: str | None = None
+                  ) -> tf.data.Dataset:
+    """The infinite, rebalanced training stream of ``(uint8 [B,H,W,1], float32 [B,1])``:
+    :func:`read` with ``mode="train"``, its :class:`PipelineConfig` given as keywords.
+
+    Args:
+      data_dir: a folder written by ``pneumo_data.prepare``.
+      batch_size: global batch size (per replica with an ``input_context``).
+      image_size: side of the square images.
+      class_weights: target class mix, a mapping or ``'normal=1,pneumonia=2'``;
+        None balances the classes.
+      augment: ``host`` augments in tf.data; ``device`` and ``none`` leave the
+        images as they are (``device``: the model's own augmentation layer
+        does it on the accelerator).
+      cache: ``memory`` (or True), ``none`` (or False), or a file path prefix for an
+        on-disk cache.
+      seed: seeds shuffling, class sampling and host augmentation.
+      deterministic: reproducible order; with a seed, the same stream each run.
+      input_context: from ``tf.distribute``; shards files across input pipelines.
+      augmentation: ranges for host augmentation (default: ``AugmentConfig()``, the default
+        recipe's; ``AugmentConfig.seed_recipe()`` is the old recipe's).
+      verify_checksums: check shard sha256 first (sizes are always checked).
+      service, job_name: read through a tf.data service (see :func:`read`).
+
+    Use :func:`steps_per_epoch` for the epoch length.
+    """
+    config = PipelineConfig(batch_size=batch_size, image_size=image_size,
+                            class_weights=None, augment=augment, cache=_as_cache(cache),
+                            verify_checksums=verify_checksums,
+                            augmentation=augmentation or AugmentConfig())
+    return read(data_dir, config, mode="train", seed=seed, deterministic=deterministic,
+                class_weights=class_weights, input_context=input_context, service=service,
+                job_name=job_name)
+
+
+def eval_dataset(data_dir, split: str, *, batch_size: int = _DEFAULT.batch_size,
+                 image_size: int = _DEFAULT.image_size, with_metadata: bool = False,
+                 verify_checksums: bool = _DEFAULT.verify_checksums,
+                 input_context: tf.distribute.InputContext | None = None,
+                 shard: str = "records", service: str | None = None) -> tf.data.Dataset:
+    """Every example of ``split`` exactly once, in a fixed order, unaugmented: :func:`read`
+    with ``mode="eval"``.
+
+    Yields ``(images uint8 [B,H,W,1], labels float32 [B,1])``, the last batch
+    possibly smaller; with ``with_metadata`` a third element, a dict of
+    ``patient_id``, ``subtype`` and ``source_path`` string tensors [B].
+
+    With an ``input_context`` (input pipeline ``i`` of ``P``) it yields only that
+    pipeline's share and ``batch_size`` is the global batch (each batch holds the
+    per-replica share): with ``shard="records"`` the examples ``i, i+P, i+2P, ...``
+    of the fixed order; with ``shard="files"`` the records of the shard files
+    ``i, i+P, ...`` (for tf.data service dynamic sharding, whose splits are files).
+    :func:`eval_shares` gives the share sizes. Through a ``service``, batches arrive in no
+    fixed order, each worker's last batch may be short, and each iteration is a job of
+    its own.
+    """
+    config = PipelineConfig(batch_size=batch_size, image_size=image_size,
+                            verify_checksums=verify_checksums)
+    return read(data_dir, config, mode="eval", split=split, with_metadata=with_metadata,
+                input_context=input_context, shard=shard, service=service)
+
+
+def steps_per_epoch(data_dir, batch_size: int = _DEFAULT.batch_size) -> int:
+    """Batches per epoch: as many images as the train split holds (at least 1).
+
+    ``batch_size`` is the global batch (all replicas together).
+    """
+    if batch_size <= 0:
+        raise UserError(f"batch_size must be positive, got {batch_size}")
+    m = manifest_lib.load_manifest(data_dir)
+    return max(1, m.count("train") // batch_size)
 
 
 def eval_shares(data_dir, split: str, pipelines: int, shard: str = "records") -> list[int]:

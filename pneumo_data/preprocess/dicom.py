@@ -1,4 +1,4 @@
-r"""DICOM files -> the same ``[size, size]`` uint8 grayscale that :mod:`pneumo_data.decode` makes.
+r"""DICOM files -> the same ``[S, S]`` uint8 grayscale that stage (a) makes of any other image.
 
 Grey levels, in this order (DICOM PS3.3 C.11, "grayscale pipeline"):
 
@@ -28,8 +28,8 @@ Grey levels, in this order (DICOM PS3.3 C.11, "grayscale pipeline"):
 
 4. **MONOCHROME1** (0 = white) is inverted (``255 - v``) so that bone is always bright.
 5. Rounded to the nearest integer, clipped to 0..255, then resized exactly like other images
-   (:func:`pneumo_data.preprocess.resize_stored`: ``stretch`` or ``pad``, Pillow bilinear with
-   antialiasing, one axis at a time), the same step a SavedModel's ``serve_pixels`` runs
+   (:func:`pneumo_data.preprocess.stored.resize_stored`: ``stretch`` or ``pad``, Pillow bilinear
+   with antialiasing, one axis at a time), the same step a SavedModel's ``serve_pixels`` runs
    at full resolution, after windowing (as a viewer would show it).
 
 Steps 2, 3 and the rounding are computed once, in float64, over every possible stored value (256
@@ -38,9 +38,9 @@ or 65536) and the image is mapped with one table lookup: the per-pixel result ex
 a shared 2-vCPU machine).
 
 RGB and YBR (pydicom converts YBR to RGB) become gray with Pillow's ITU-R 601 luma, as RGB JPEGs do
-in :mod:`pneumo_data.decode`; window tags do not apply to colour data.
+in :mod:`pneumo_data.preprocess.stored`; window tags do not apply to colour data.
 
-Refused with :class:`DicomDecodeError` (a :class:`pneumo_data.decode.DecodeError`, so ingest
+Refused with :class:`DicomDecodeError` (a :class:`pneumo_data.preprocess.DecodeError`, so ingest
 records a skip with the reason): non-DICOM bytes, truncated or corrupt files, datasets without
 pixel data (structured reports, presentation states, key object selections...), float pixel data,
 multi-frame images (``NumberOfFrames > 1``: a series, not one radiograph), PALETTE COLOR and other
@@ -62,11 +62,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pneumo_data import decode, preprocess
-from pneumo_data.decode import DecodeError
+from pneumo_data.preprocess.spec import DEFAULT_MAX_PIXELS, DecodeError, PreprocessSpec
+from pneumo_data.preprocess.stored import resize_stored
 
 __all__ = ["DicomDecodeError", "DicomInfo", "decode_dicom", "dicom_to_uint8", "read_dicom_info",
-           "is_dicom", "decode_any", "decode_for_config"]
+           "is_dicom", "looks_like_dicom"]
 
 _PREAMBLE = 128
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
@@ -414,7 +414,7 @@ def _monochrome_to_uint8(pixels: np.ndarray, ds) -> tuple[np.ndarray, str]:
     return table[index], rule
 
 
-def dicom_to_uint8(ds, max_pixels: int = decode.DEFAULT_MAX_PIXELS
+def dicom_to_uint8(ds, max_pixels: int = DEFAULT_MAX_PIXELS
                    ) -> tuple[np.ndarray, DicomInfo]:
     """Full-resolution 8-bit grayscale of a pydicom dataset, and its info (with ``voi``).
 
@@ -445,44 +445,20 @@ def dicom_to_uint8(ds, max_pixels: int = decode.DEFAULT_MAX_PIXELS
     return gray, _info(ds, voi=rule, decoder=plugin)
 
 
-def decode_dicom(data: bytes, size: int, resize: str = "stretch",
-                 max_pixels: int = decode.DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, DicomInfo]:
-    """Decodes DICOM bytes to a ``[size, size]`` uint8 grayscale array (see module docstring).
+def looks_like_dicom(data: bytes) -> bool:
+    """True for DICOM bytes, with or without the Part 10 preamble (by content, not by name);
+    ``data`` may be just the file's first 132 bytes."""
+    return is_dicom(data) or _bare_dataset(data)
 
-    Args:
-      data: the file's bytes.
-      size: side of the square output.
-      resize: ``stretch`` or ``pad``, as :func:`pneumo_data.decode.decode_to_gray`.
-      max_pixels: refuse images with more pixels than this.
 
-    Returns:
-      ``(pixels [size, size] uint8, DicomInfo)``; ``DicomInfo.voi`` names the grey-level rule.
+def decode_dicom(data: bytes, spec: PreprocessSpec) -> tuple[np.ndarray, DicomInfo]:
+    """DICOM bytes -> ``(pixels [S, S] uint8, DicomInfo)``: :func:`dicom_to_uint8`, then the
+    same resize as every other image (:func:`pneumo_data.preprocess.stored.resize_stored`).
+    ``DicomInfo.voi`` names the grey-level rule.
 
     Raises:
       DicomDecodeError: (a ``DecodeError``) with the reason, for every unusable input.
     """
-    if resize not in decode.RESIZE_MODES:
-        raise ValueError(f"resize must be one of {decode.RESIZE_MODES}, got {resize!r}")
     ds = _read(data, header_only=False)
-    gray, info = dicom_to_uint8(ds, max_pixels)
-    spec = preprocess.PreprocessSpec(stored_size=size, resize=resize, max_pixels=max_pixels)
-    return preprocess.resize_stored(gray, spec), info
-
-
-def decode_any(data: bytes, size: int, resize: str = "stretch",
-               max_pixels: int = decode.DEFAULT_MAX_PIXELS,
-               fast_jpeg: bool = True) -> tuple[np.ndarray, DicomInfo | None]:
-    """One entry point for ingest and predict: DICOM by content (not by file name), else Pillow.
-
-    Returns ``(pixels, DicomInfo)`` for DICOM and ``(pixels, None)`` for other images.
-    """
-    if is_dicom(data) or _bare_dataset(data):
-        return decode_dicom(data, size, resize, max_pixels)
-    return decode.decode_to_gray(data, size, resize, max_pixels, fast_jpeg), None
-
-
-def decode_for_config(data: bytes, config) -> tuple[np.ndarray, DicomInfo | None]:
-    """:func:`decode_any` with the stored-image options of a prepare config (``image_size``,
-    ``resize``, ``max_pixels``, ``fast_jpeg``): the ingest writer's one decode call."""
-    return decode_any(data, config.image_size, config.resize, config.max_pixels,
-                      config.fast_jpeg)
+    gray, info = dicom_to_uint8(ds, spec.max_pixels)
+    return resize_stored(gray, spec), info
