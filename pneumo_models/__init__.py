@@ -4,19 +4,16 @@
     model = pneumo_models.build_model("manual_cnn", image_size=150)
     model = pneumo_models.load_model("runs/cnn/model.keras")
 
-Importing this package does not import TensorFlow; these functions do on first use.
+Importing this package does not import TensorFlow; these functions do on first use
+(:mod:`pneumo_models.models`).
 """
 
-__all__ = ["build_model", "load_model"]
+_LAZY = {"build_model": "pneumo_models.models", "load_model": "pneumo_models.models"}
+__all__ = sorted(_LAZY)
 
 
-def build_model(*args, **kwargs):
-    """See :func:`pneumo_models.models.build_model`."""
-    from pneumo_models.models import build_model as build
-    return build(*args, **kwargs)
-
-
-def load_model(path, **kwargs):
-    """See :func:`pneumo_models.models.load_model`."""
-    from pneumo_models.models import load_model as load
-    return load(path, **kwargs)
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pneumo_models' has no attribute {name!r}")

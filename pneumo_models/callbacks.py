@@ -6,10 +6,11 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import time
 
 import keras
+
+from pneumo_models.rundir import RESUME, weights_name
 
 log = logging.getLogger("pneumo.train")
 
@@ -146,20 +147,21 @@ class TimeBudget(keras.callbacks.Callback):
 
 
 class Resume(keras.callbacks.Callback):
-    """Saves the training state after every finished epoch into ``resume/`` of the job's
-    output folder: ``model-pP-eE.weights.h5`` (the weights, the optimizer's variables,
-    whatever the optimizer, loss-scaling wrapper included, and the augmentation RNG state),
-    then ``state.json`` naming it (the epoch reached, the phase, the time budget's plan and
-    time spent), then the previous epoch's file is deleted: a kill at any point leaves a
-    state.json whose weights file is complete and of the epoch it names. The job rebuilds
-    the model and optimizer from its config and loads the file into them, so what is not a
-    variable (the optimizer's weight-decay exclusions, the schedule) comes from the code,
-    not from a saved config."""
+    """Saves the training state after every finished epoch into ``resume/`` of the run's folder (a
+    :class:`pneumo_models.rundir.RunDir`): ``model-pP-eE.weights.h5`` (the weights, the
+    optimizer's variables, whatever the optimizer, loss-scaling wrapper included, and the
+    augmentation RNG state), then ``state.json`` naming it (the epoch reached, the phase,
+    the time budget's plan and time spent), then the previous epoch's file is deleted: a
+    kill at any point leaves a state.json whose weights file is complete and of the epoch it
+    names. The job rebuilds the model and optimizer from its config and loads the file into
+    them, so what is not a variable (the optimizer's weight-decay exclusions, the schedule)
+    comes from the code, not from a saved config."""
 
-    def __init__(self, out, phase: int, guard: NaNGuard, budget: TimeBudget | None = None,
-                 folder: str = "resume"):
+    def __init__(self, out, run_dir, phase: int, guard: NaNGuard,
+                 budget: TimeBudget | None = None):
         super().__init__()
-        self.out, self.phase, self.guard, self.folder = out, phase, guard, folder
+        self.out, self.run_dir, self.phase, self.guard = out, run_dir, phase, guard
+        self.folder = RESUME
         self.budget = budget
 
     def on_epoch_end(self, epoch, logs=None):
@@ -178,14 +180,8 @@ class Resume(keras.callbacks.Callback):
         state = {"epoch": epoch, "phase": self.phase, "weights": name}
         if self.budget is not None:
             state.update(plan=self.budget.plan, seconds=self.budget.seconds)
-        self.out.write_json(f"{self.folder}/state.json", state)
+        self.run_dir.write_resume_state(self.out, state)
         for old in sorted((self.out.path / self.folder).glob("model-*.weights.h5")):
             if old.name != name and self.out.owns(f"{self.folder}/{old.name}"):
                 self.out.remove(f"{self.folder}/{old.name}")
 
-
-WEIGHTS_PATTERN = re.compile(r"model-p\d+-e\d+\.weights\.h5")
-
-
-def weights_name(phase: int, epoch: int) -> str:
-    return f"model-p{phase}-e{epoch}.weights.h5"

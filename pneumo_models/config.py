@@ -1,5 +1,6 @@
-"""The configs of the network and the optimizer (no TensorFlow here, so jobs import them before
-TensorFlow is loaded). The training job's config holds one of each."""
+"""The configs of the network, the optimizer and the devices, and the training job's choices
+and error (no TensorFlow here, so jobs import them before TensorFlow is loaded). The training
+job's config holds one of each."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pneumo_data.common.config import option
 from pneumo_data.common.errors import UserError
 
 MODELS = ("bn_cnn", "manual_cnn", "vgg16", "resnet50")
+FINE_TUNE_PREFIX = {"vgg16": "block5", "resnet50": "conv5"}  # the block a second phase opens
 SMALL_NETWORKS = ("bn_cnn", "manual_cnn")  # trained from scratch on one grey channel
 PREPROCESSING = ("auto", "unit", "standardize", "caffe")
 
@@ -22,6 +24,12 @@ NETWORK_DEFAULTS = {
 }
 OPTIMIZERS = ("adamw", "adam")
 SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+JIT_CHOICES = ("auto", "true", "false")
+
+
+class TrainError(UserError):
+    """The training job cannot start or could not finish; the message says why."""
 
 
 def network_default(model: str, name: str, value=None):

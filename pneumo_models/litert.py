@@ -2,13 +2,11 @@
 
     python -m pneumo_models.export --model_dir=runs/cnn --litert=float32,float16,int8
 
-    from pneumo_models.litert import LiteRTModel      # pip install 'pneumo[edge]'
-    edge = LiteRTModel("runs/cnn/export/litert/int8.tflite")
-    probability = edge.predict(stored_uint8_images)   # [N, S, S, 1] -> [N]
+(:class:`pneumo_models.edge.LiteRTModel` runs them.)
 
 Each flatbuffer takes the *stored* image, uint8 ``[N, S, S, 1]`` (batch 1 in the file;
 :class:`LiteRTModel` resizes the batch dimension), i.e. what stage (a) of
-:mod:`pneumo_data.preprocess` makes of a file (``decode_stored``; on a device, the same
+:mod:`pneumo_data.preprocess` makes of a file (``decode``; on a device, the same
 Pillow code or any decoder plus the recorded settings). Inside: stage (b) (int32
 GATHER/MUL/SUM, exact, the same bits as the pipeline), the model's own ``Preprocess`` layer and
 the network; the output is the pneumonia probability, float32 ``[N]``. The augmentation layer
@@ -29,7 +27,6 @@ The converter is TensorFlow's ``tf.lite.TFLiteConverter`` (still shipped in TF 2
 variables into constants (otherwise the flatbuffer keeps READ_VARIABLE ops that the int8
 calibrator cannot run). LiteRT has no bfloat16 kernels, so a model trained under
 ``mixed_bfloat16`` is first rebuilt in float32 with the same weights (:func:`float32_copy`).
-The interpreter is ``ai_edge_litert`` (``tf.lite.Interpreter`` is deprecated in TF 2.21).
 """
 
 from __future__ import annotations
@@ -42,22 +39,22 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+import keras
 import numpy as np
+import tensorflow as tf
+from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-from pneumo_data import preprocess
+from pneumo_data import manifest as manifest_lib
+from pneumo_data import reader
 from pneumo_data.common import files
-from pneumo_data.common.errors import UserError
-from pneumo_models.export import (
-    VARIANTS,
-    ExportError,
-    model_size,
-    quiet_saving,
-    replacing_folder,
-    versions,
-)
+from pneumo_data.common.jobs import filtered_stderr
+from pneumo_data.preprocess import PreprocessSpec
+from pneumo_data.preprocess.model_input_tf import to_model_input
+from pneumo_models import models  # noqa: F401  (registers the custom layers for float32_copy)
+from pneumo_models.export_meta import LITERT_META, VARIANTS, ExportError, model_size
+from pneumo_models.serving import quiet_saving, replacing_folder, versions
 
 log = logging.getLogger("pneumo.litert")
-LITERT_META = "litert.json"
 
 
 def float32_copy(model):
@@ -65,10 +62,6 @@ def float32_copy(model):
 
     Returns ``model`` itself when it already computes in float32.
     """
-    import keras
-
-    import pneumo_models.models  # noqa: F401  (registers the custom layers)
-
     def visit(obj):
         if isinstance(obj, dict):
             if obj.get("class_name") in ("DTypePolicy", "DTypePolicyMap"):
@@ -95,8 +88,6 @@ def _all_layers(model):
 
 def edge_module(model, stored_size: int):
     """A ``tf.Module`` whose ``serve`` maps uint8 ``[N, S, S, 1]`` to probability [N]."""
-    import tensorflow as tf
-
     size = model_size(model)
 
     class Edge(tf.Module):
@@ -107,7 +98,7 @@ def edge_module(model, stored_size: int):
         @tf.function(input_signature=[tf.TensorSpec([None, stored_size, stored_size, 1],
                                                     tf.uint8, name="image")])
         def serve(self, image):
-            pixels = preprocess.to_model_input(image, size)
+            pixels = to_model_input(image, size)
             probability = self.model(pixels, training=False)
             return {"probability": tf.reshape(tf.cast(probability, tf.float32), [-1])}
 
@@ -124,11 +115,6 @@ def convert(model, stored_size: int, variant: str,
       variant: one of ``float32``, ``float16``, ``int8``.
       representative: for ``int8``, uint8 ``[S, S, 1]`` images to calibrate on.
     """
-    import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import (
-        convert_variables_to_constants_v2,
-    )
-
     if variant not in VARIANTS:
         raise ExportError(f"variant must be one of {VARIANTS}, got {variant!r}")
     module = edge_module(float32_copy(model), stored_size)
@@ -155,8 +141,6 @@ def _quiet_converter():
     """The converter saves a temporary SavedModel (absl INFO lines) and its calibrator prints
     a ``fully_quantize: ...`` line straight to the stderr file descriptor; keep warnings and
     anything else."""
-    from pneumo_data.common.jobs import filtered_stderr
-
     with quiet_saving(), filtered_stderr(lambda line: line.startswith("fully_quantize:")):
         yield
 
@@ -184,9 +168,6 @@ def calibration_images(data_dir, stored_size: int, count: int = 300, seed: int =
     Only the train split's shards are opened (``Calibration.shard_files``): the val and test
     images never reach the quantizer.
     """
-    from pneumo_data import manifest as manifest_lib
-    from pneumo_data.pipeline import train_dataset
-
     if count < 1:
         raise ExportError(f"calibration needs at least one image, got {count}")
     m = manifest_lib.load_manifest(data_dir)
@@ -195,13 +176,13 @@ def calibration_images(data_dir, stored_size: int, count: int = 300, seed: int =
                           f"{stored_size} px stored images")
     names = tuple(e["file"] for label in m.classes for e in m.shard_entries("train", label))
     batch = min(count, 64)
-    ds = train_dataset(data_dir, batch_size=batch, image_size=stored_size, augment="none",
-                       cache=False, seed=seed, deterministic=True)
+    ds = reader.train_dataset(data_dir, batch_size=batch, image_size=stored_size,
+                              augment="none", cache=False, seed=seed, deterministic=True)
     images = [pixels.numpy() for pixels, _ in ds.take(-(-count // batch))]
     return Calibration(np.concatenate(images)[:count], "train", names, seed)
 
 
-def export_litert(model, out_dir: str | os.PathLike, spec: preprocess.PreprocessSpec,
+def export_litert(model, out_dir: str | os.PathLike, spec: PreprocessSpec,
                   variants: Iterable[str] = VARIANTS, *, data_dir=None, calibration: int = 300,
                   seed: int = 0, out=None, model_sha256: str | None = None) -> dict[str, Path]:
     """Writes ``<variant>.tflite`` files and ``litert.json`` as the folder ``out_dir``.
@@ -209,7 +190,7 @@ def export_litert(model, out_dir: str | os.PathLike, spec: preprocess.Preprocess
     The folder is replaced whole (a partial folder, then renamed), so it holds exactly
     ``variants``. ``data_dir`` (the prepared data the model was trained on) is required for
     int8. ``out``: the job's OutputDir holding ``out_dir`` (see
-    :func:`pneumo_models.export.replacing_folder`).
+    :func:`pneumo_models.serving.replacing_folder`).
     """
     variants = list(dict.fromkeys(variants))
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -222,7 +203,7 @@ def export_litert(model, out_dir: str | os.PathLike, spec: preprocess.Preprocess
         "preprocess": spec.to_dict(),
         "input": {"name": "image", "dtype": "uint8",
                   "shape": [1, spec.stored_size, spec.stored_size, 1],
-                  "what": "the stored image: pneumo_data.preprocess.decode_stored(file, spec); "
+                  "what": "the stored image: pneumo_data.preprocess.decode(file, spec).pixels; "
                           "batch dimension resizable"},
         "output": {"name": "probability", "dtype": "float32", "shape": [1]},
         "variants": {}, "versions": versions(),
@@ -246,73 +227,3 @@ def export_litert(model, out_dir: str | os.PathLike, spec: preprocess.Preprocess
             log.info("converted %s (%.2f MB)", paths[variant], len(flatbuffer) / 1e6)
         files.write_json(tmp / LITERT_META, meta)
     return paths
-
-
-def load_litert_meta(tflite: str | os.PathLike) -> dict[str, Any]:
-    """The ``litert.json`` beside a flatbuffer written by :func:`export_litert`."""
-    path = Path(tflite).parent / LITERT_META
-    if not path.exists():
-        raise UserError(f"{tflite}: no {LITERT_META} beside it, so its preprocessing settings "
-                        f"are unknown (write it with python -m pneumo_models.export --litert)")
-    return files.read_json(path, "LiteRT metadata")
-
-
-class LiteRTModel:
-    """Runs an exported flatbuffer with ``ai_edge_litert``'s interpreter.
-
-    Args:
-      path: a ``.tflite`` written by :func:`export_litert`.
-      num_threads: interpreter threads (None: LiteRT's default).
-    """
-
-    def __init__(self, path: str | os.PathLike, num_threads: int | None = None):
-        try:
-            from ai_edge_litert.interpreter import Interpreter
-        except ImportError:
-            raise UserError("running LiteRT models needs ai-edge-litert: "
-                            "pip install 'pneumo[edge]'") from None
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise UserError(f"LiteRT model {self.path} does not exist")
-        try:
-            self._interpreter = Interpreter(model_path=str(self.path), num_threads=num_threads)
-        except ValueError as error:
-            raise UserError(f"{self.path} is not a LiteRT flatbuffer ({error})") from None
-        self._input = self._interpreter.get_input_details()[0]
-        self._output = self._interpreter.get_output_details()[0]
-        shape = tuple(int(v) for v in self._input["shape"])
-        if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 1 \
-                or self._input["dtype"] != np.uint8:
-            raise UserError(f"{self.path} does not take uint8 [N, S, S, 1] images "
-                            f"(input {self._input['dtype'].__name__} {list(shape)}); it was "
-                            f"not written by pneumo_models.litert")
-        self.stored_size = shape[1]
-        self._batch = shape[0]
-        self._interpreter.allocate_tensors()
-
-    def ops(self) -> list[str]:
-        """The builtin op names in the flatbuffer."""
-        return sorted({d["op_name"] for d in self._interpreter._get_ops_details()})
-
-    def _resize(self, batch: int) -> None:
-        if batch != self._batch:
-            self._interpreter.resize_tensor_input(
-                self._input["index"], [batch, self.stored_size, self.stored_size, 1])
-            self._interpreter.allocate_tensors()
-            self._batch = batch
-
-    def predict(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """Probabilities float32 [N] for uint8 ``[N, S, S, 1]`` stored images."""
-        images = np.asarray(images)
-        if images.dtype != np.uint8 or images.shape[1:] != (self.stored_size,
-                                                            self.stored_size, 1):
-            raise ValueError(f"expected uint8 [N, {self.stored_size}, {self.stored_size}, 1], "
-                             f"got {images.dtype} {images.shape}")
-        out = []
-        for start in range(0, len(images), batch_size):
-            chunk = np.ascontiguousarray(images[start:start + batch_size])
-            self._resize(len(chunk))
-            self._interpreter.set_tensor(self._input["index"], chunk)
-            self._interpreter.invoke()
-            out.append(np.array(self._interpreter.get_tensor(self._output["index"])).reshape(-1))
-        return np.concatenate(out) if out else np.zeros([0], np.float32)

@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import keras
 import tensorflow as tf
@@ -487,10 +487,3 @@ def _padded_eval_fn(validation: EvalInput) -> tuple[DatasetFn, dict[str, int]]:
         return dataset.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
     return fn, info
-
-
-def history_rows(history: keras.callbacks.History) -> list[dict[str, Any]]:
-    """History as one dict per epoch (for tests and reports)."""
-    keys = list(history.history)
-    return [{"epoch": e, **{k: history.history[k][i] for k in keys}}
-            for i, e in enumerate(history.epoch)]

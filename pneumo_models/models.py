@@ -33,16 +33,21 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import zipfile
 from pathlib import Path
 
 import keras
+import numpy as np
+import tensorflow as tf
 
 from pneumo_data.augment import RandomAffine
 from pneumo_data.common.errors import UserError
 from pneumo_data.config import AugmentConfig
+from pneumo_models import optim  # noqa: F401  (registers WarmupCosine for load_model)
 from pneumo_models.config import MODELS, SMALL_NETWORKS, NetworkConfig
 from pneumo_models.layers import Preprocess
 from pneumo_models.precision import dtype_policy
+from pneumo_models.recipes import network_zoom
 
 BACKBONES = {
     "vgg16": ("VGG16", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
@@ -91,7 +96,6 @@ def imagenet_weights_file(name: str) -> str:
 def default_augmentation(name: str) -> AugmentConfig:
     """The default recipe's augmentation for network ``name`` (zoom 0.25 for bn_cnn, 0.1 for
     the others; intensity transforms on)."""
-    from pneumo_models.recipes import network_zoom
     return AugmentConfig(zoom=network_zoom(name))
 
 
@@ -194,7 +198,6 @@ def synchronize_batch_norm(model: keras.Model) -> int:
     all-reduce per layer and step) instead of each replica's share: the replicas then keep
     identical moving statistics, and training matches one device with the same global
     batch. No change on one device. Returns the number of layers switched."""
-    import tensorflow as tf
     if tf.distribute.get_strategy().num_replicas_in_sync <= 1:
         return 0
     switched = 0
@@ -219,9 +222,6 @@ def predictor(model: keras.Model):
     converter's input) fuses ops that eager calls round to bf16 one by one, and the two differ
     by up to about 2e-3 in probability (float32 models: about 1e-7).
     """
-    import numpy as np
-    import tensorflow as tf
-
     size = int(model.inputs[0].shape[1])
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 1], tf.uint8)])
@@ -236,9 +236,6 @@ def load_model(path: str | os.PathLike, **kwargs) -> keras.Model:
 
     Raises UserError when the file is missing or is not a Keras model file.
     """
-    import zipfile
-
-    from pneumo_models import layers, optim  # noqa: F401  (registers Preprocess, WarmupCosine)
     path = Path(path)
     if not path.is_file():
         raise UserError(f"model file {path} does not exist")

@@ -111,12 +111,3 @@ def make_optimizer(config: OptimizerConfig, learning_rate) -> keras.optimizers.O
 
 def make_loss(config: OptimizerConfig) -> keras.losses.Loss:
     return keras.losses.BinaryCrossentropy(label_smoothing=config.label_smoothing)
-
-
-def current_learning_rate(optimizer) -> float:
-    """The rate the optimizer's next step uses (its schedule at its iteration count)."""
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    rate = inner._learning_rate
-    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
-        return float(rate(inner.iterations))
-    return float(keras.ops.convert_to_numpy(inner.learning_rate))

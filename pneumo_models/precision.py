@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
-JIT_CHOICES = ("auto", "true", "false")
+import keras
+import tensorflow as tf
+
+from pneumo_models.config import JIT_CHOICES, PRECISIONS
 
 
 def cpu_flags() -> set[str]:
@@ -32,7 +34,6 @@ def cpu_has_fast_bf16(flags: set[str] | None = None) -> bool:
 
 
 def gpu_compute_capabilities() -> list[tuple[int, int]]:
-    import tensorflow as tf
     result = []
     for gpu in tf.config.list_physical_devices("GPU"):
         details = tf.config.experimental.get_device_details(gpu)
@@ -61,7 +62,6 @@ def resolve_jit(jit_compile: str | bool, *, has_gpu: bool | None = None) -> bool
     if jit_compile != "auto":
         return jit_compile == "true"
     if has_gpu is None:
-        import tensorflow as tf
         has_gpu = bool(tf.config.list_physical_devices("GPU"))
     return has_gpu
 
@@ -69,7 +69,6 @@ def resolve_jit(jit_compile: str | bool, *, has_gpu: bool | None = None) -> bool
 @contextlib.contextmanager
 def dtype_policy(name: str):
     """Sets the global Keras dtype policy for building, then restores the old one."""
-    import keras
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(name)
     try:
