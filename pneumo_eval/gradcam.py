@@ -20,6 +20,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pneumo_models.layers import Preprocess, crop_margin
+
 _POOLING = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
             keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D,
             keras.layers.ZeroPadding2D, keras.layers.InputLayer)
@@ -107,7 +109,6 @@ def grad_cam(model: keras.Model, images, layer_name: str | None = None,
 
 def _crop_margins(model: keras.Model, height: int, width: int) -> tuple[int, int]:
     """The border the model's Preprocess layer cuts off (0, 0 without one)."""
-    from pneumo_models.layers import Preprocess, crop_margin
     for layer in model.layers:
         if isinstance(layer, Preprocess) and layer.crop:
             return crop_margin(height, layer.crop), crop_margin(width, layer.crop)

@@ -14,6 +14,8 @@ from typing import Sequence
 import numpy as np
 from sklearn import metrics as skm
 
+from pneumo_models.report import check_threshold
+
 METRICS = ("accuracy", "precision", "sensitivity", "specificity", "npv", "f1", "roc_auc",
            "pr_auc", "brier")
 
@@ -37,12 +39,6 @@ def validate(y_true, scores, threshold: float | None = None) -> tuple[np.ndarray
     if threshold is not None:
         check_threshold(threshold)
     return y.astype(np.int64), s
-
-
-def check_threshold(threshold: float) -> float:
-    if not (isinstance(threshold, (int, float, np.floating)) and 0 <= threshold <= 1):
-        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
-    return float(threshold)
 
 
 def _ratio(num: float, den: float) -> float:

@@ -6,17 +6,16 @@ r"""Prediction job: probability and decision for image files, one CSV row each.
     python -m pneumo_eval.predict --model=runs/cnn/export/saved_model --input=xrays/
     python -m pneumo_eval.predict --model=runs/cnn/export/litert/int8.tflite --input=xrays/
 
-``--model`` is a ``.keras`` file, a SavedModel folder written by
-:mod:`pneumo_models.export` or a ``.tflite`` file written by :mod:`pneumo_models.litert`
-(default: ``MODEL_DIR/model.keras``). Every file is decoded as ingest decodes it: stage (a)
-of :mod:`pneumo_data.preprocess` (Pillow: any JPEG/PNG/BMP/TIFF/GIF/WebP, EXIF orientation,
-16-bit, CMYK), DICOM (recognised by content) by :mod:`pneumo_data.dicom` (pydicom, grey-level
-windowing, then the same resize), with the settings the model's training images were stored
-with: for a Keras model those of its data manifest (``run.json`` of ``--model_dir``, or of
-the folder holding the ``.keras`` file; ``--stored_size``/``--resize`` override), for an
-export the ones it recorded (``serving.json``, ``litert.json``). Stage (b), the resize to the
-model's input, is the pipeline's own (inside the SavedModel and the flatbuffer). So each
-route sees exactly the pixels the evaluated model saw.
+``--model`` is a ``.keras`` file, a SavedModel folder written by :mod:`pneumo_models.export` or
+a ``.tflite`` file written by :mod:`pneumo_models.litert` (default: ``MODEL_DIR/model.keras``).
+Every file is decoded as ingest decodes it: stage (a) of :mod:`pneumo_data.preprocess` (Pillow:
+any JPEG/PNG/BMP/TIFF/GIF/WebP, EXIF orientation, 16-bit, CMYK), DICOM (recognised by content)
+by :mod:`pneumo_data.preprocess.dicom` (pydicom, grey-level windowing, then the same resize),
+with the settings the model's training images were stored with: for a Keras model those of its
+data manifest (``run.json`` of ``--model_dir``, or of the folder holding the ``.keras`` file;
+``--stored_size``/``--resize`` override), for an export the ones it recorded (``serving.json``,
+``litert.json``). Stage (b), the resize to the model's input, is the pipeline's own (inside the
+SavedModel and the flatbuffer). So each route sees exactly the pixels the evaluated model saw.
 
 ``--tta`` (test-time augmentation, :mod:`pneumo_eval.tta`) averages the probability over
 mirrored and rescaled views: for a Keras model the views are made at the model's input size,
@@ -43,41 +42,20 @@ from typing import Callable
 
 import numpy as np
 
-from pneumo_data.common.config import option
-from pneumo_data.common.errors import UserError
-from pneumo_data.common.files import read_json, replacing
-from pneumo_eval.tta import MODES as TTA_MODES
+from pneumo_data import manifest as manifest_lib
+from pneumo_data.common.files import replacing
+from pneumo_data.common.jobs import import_tensorflow
+from pneumo_data.preprocess import RESIZE_MODES, DecodeError, PreprocessSpec, decode
+from pneumo_eval.config import TTA_MODES, PredictConfig, PredictError
+from pneumo_models.edge import LiteRTModel
+from pneumo_models.export_meta import LITERT_META, load_litert_meta, load_serving_meta, model_size
+from pneumo_models.report import check_threshold, read_threshold
+from pneumo_models.rundir import MODEL, RunDir
 
 log = logging.getLogger("pneumo.predict")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm",
                   ".dicom"}
 COLUMNS = ("path", "probability", "decision", "threshold", "error")
-
-
-class PredictError(UserError):
-    """The job cannot run with these inputs; the message says why."""
-
-
-@dataclasses.dataclass(frozen=True)
-class PredictConfig:
-    model_dir: str | None = option(None, "A training model_dir (its model.keras is used unless "
-                                          "--model).")
-    model: str | None = option(None, "A .keras file, a SavedModel folder (pneumo_models.export) "
-                                     "or a .tflite file (default: MODEL_DIR/model.keras).")
-    input: str | None = option(None, "An image file or a folder (searched recursively).")
-    output: str = option("predictions.csv", "CSV to write.")
-    threshold: float | None = option(None, "Decision threshold (default: the exported one of a "
-                                           "SavedModel, else 0.5; ignored with "
-                                           "--threshold_from).")
-    threshold_from: str | None = option(None, "A report.json from pneumo_eval.evaluate whose "
-                                              "chosen threshold to use.")
-    stored_size: int = option(0, "Keras models: the size the training images were stored at "
-                                 "(0: from the model's data manifest).")
-    resize: str | None = option(None, "Keras models: how they were resized to it, stretch or "
-                                      "pad (default: from the manifest, else stretch).")
-    batch_size: int = option(32, "Prediction batch size.")
-    tta: str = option("none", "Test-time augmentation: none, flip or flip_scale (see "
-                              "pneumo_eval.evaluate --tta).", choices=TTA_MODES)
 
 
 def _files(path: Path) -> list[Path]:
@@ -101,17 +79,11 @@ def _check_output(out: Path) -> None:
 
 
 def _threshold_from(path: str, tta: str = "none") -> float:
-    report = read_json(path, "--threshold_from")
-    try:
-        value = report["threshold"]["value"]
-    except (KeyError, TypeError):
-        raise PredictError(f"--threshold_from {path} is not a report.json of "
-                           f"pneumo_eval.evaluate (no threshold.value)") from None
-    chosen_with = report.get("tta", "none")
-    if chosen_with != tta:
+    chosen = read_threshold(path)
+    if chosen.tta != tta:
         log.warning("the threshold of %s was chosen with --tta=%s, and predict runs --tta=%s: "
-                    "it was chosen on other scores", path, chosen_with, tta)
-    return value
+                    "it was chosen on other scores", path, chosen.tta, tta)
+    return chosen.value
 
 
 # ---------------------------------------------------------------- the three kinds of model
@@ -136,9 +108,9 @@ def _model_path(config: PredictConfig) -> Path:
         return path
     if not config.model_dir:
         raise PredictError("--model_dir or --model is required")
-    path = Path(config.model_dir) / "model.keras"
+    path = RunDir(config.model_dir).model_path
     if not path.exists():
-        raise PredictError(f"{config.model_dir} has no model.keras (is the training finished?)")
+        raise PredictError(f"{config.model_dir} has no {MODEL} (is the training finished?)")
     return path
 
 
@@ -158,18 +130,13 @@ def _kind(path: Path) -> str:
 
 def _keras_spec(config: PredictConfig, path: Path):
     """(spec, where it came from) for a .keras model: overrides, else its run's manifest."""
-    from pneumo_data import manifest as manifest_lib
-    from pneumo_data.preprocess import PreprocessSpec
-    from pneumo_models.train import run_data_dir
-
     spec, source = None, None
-    candidates = [Path(config.model_dir)] if config.model_dir else []
-    candidates.append(path.parent)
-    for model_dir in candidates:
-        if not (model_dir / "run.json").exists():
+    candidates = [RunDir(config.model_dir)] if config.model_dir else []
+    candidates.append(RunDir(path.parent))
+    for run in candidates:
+        if not run.is_complete():
             continue
-        run = read_json(model_dir / "run.json", "run record")
-        data_dir = run_data_dir(model_dir, run)
+        data_dir = run.data_dir()
         try:
             spec = manifest_lib.load_manifest(data_dir).preprocess if data_dir else None
         except manifest_lib.ManifestError as error:
@@ -191,52 +158,55 @@ def _keras_spec(config: PredictConfig, path: Path):
     return spec, source
 
 
-def _load(config: PredictConfig, path: Path, kind: str) -> Scorer:
-    from pneumo_data.preprocess import PreprocessSpec, to_model_input
+def _tensorflow_half():
+    """The job's TensorFlow half: the Keras and SavedModel routes and test-time augmentation
+    import it here, once the checks have passed (a LiteRT model without --tta runs without
+    TensorFlow)."""
+    tf = import_tensorflow()
+    from pneumo_data.preprocess.model_input_tf import to_model_input
     from pneumo_eval.tta import tta_scores
+    from pneumo_models.models import load_model, predictor
+    return tf, to_model_input, tta_scores, load_model, predictor
 
+
+def _load(config: PredictConfig, path: Path, kind: str) -> Scorer:
     if kind != "keras" and (config.stored_size or config.resize):
         raise PredictError("--stored_size/--resize apply to .keras models only; an export "
                            "records its own preprocessing settings")
     if kind == "keras":
-        from pneumo_models.export import model_size
-        from pneumo_models.models import load_model, predictor
-
         spec, source = _keras_spec(config, path)
+        _, to_model_input, tta_scores, load_model, predictor = _tensorflow_half()
         model = load_model(path)
         size, score = model_size(model), predictor(model)
         return Scorer(kind, path, spec, source,
                       lambda x: tta_scores(score, to_model_input(x, size), config.tta))
     if kind == "savedmodel":
-        import tensorflow as tf
-
-        from pneumo_models.export import load_serving_meta
-
         meta = load_serving_meta(path)
+        tf, _, tta_scores, _, _ = _tensorflow_half()
         signature = tf.saved_model.load(str(path)).signatures["serve_pixels"]
         return Scorer(kind, path, PreprocessSpec.from_dict(meta["preprocess"]),
                       f"{path}'s serving.json", lambda x: tta_scores(lambda v: np.asarray(
                           signature(pixels=tf.constant(v))["probability"], np.float64), x,
                           config.tta),
                       threshold=float(meta["threshold"]))
-    from pneumo_models.litert import LiteRTModel, load_litert_meta
-
     meta = load_litert_meta(path)
     edge = LiteRTModel(path)
     spec = PreprocessSpec.from_dict(meta["preprocess"])
     if spec.stored_size != edge.stored_size:
-        raise PredictError(f"{path} takes {edge.stored_size} px images but its litert.json "
-                           f"says {spec.stored_size}")
-    return Scorer(kind, path, spec, f"{path.parent / 'litert.json'}",
-                  lambda x: tta_scores(lambda v: edge.predict(v, batch_size=len(v)).astype(
-                      np.float64), x, config.tta))
+        raise PredictError(f"{path} takes {edge.stored_size} px images but its "
+                           f"{LITERT_META} says {spec.stored_size}")
+
+    def edge_scores(v):
+        return edge.predict(v, batch_size=len(v)).astype(np.float64)
+
+    if config.tta == "none":
+        return Scorer(kind, path, spec, f"{path.parent / LITERT_META}", edge_scores)
+    _, _, tta_scores, _, _ = _tensorflow_half()
+    return Scorer(kind, path, spec, f"{path.parent / LITERT_META}",
+                  lambda x: tta_scores(edge_scores, x, config.tta))
 
 
 def predict(config: PredictConfig) -> Path:
-    from pneumo_data.dicom import decode_any
-    from pneumo_data.preprocess import RESIZE_MODES, DecodeError
-    from pneumo_eval.metrics import check_threshold
-
     if not config.input:
         raise PredictError("--input is required")
     if config.batch_size < 1 or config.stored_size < 0:
@@ -281,9 +251,7 @@ def predict(config: PredictConfig) -> Path:
                "error": ""}
         rows.append(row)
         try:
-            pixels, _ = decode_any(file.read_bytes(), spec.stored_size, spec.resize,
-                                   spec.max_pixels, spec.fast_jpeg)
-            batch.append(pixels)
+            batch.append(decode(file.read_bytes(), spec).pixels)
             owners.append(row)
         except (DecodeError, OSError) as error:
             row["error"] = str(error)

@@ -36,7 +36,6 @@ specificity 0.80 or sensitivity 0.90. Writes ``report.json``, ``report.md``,
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import logging
@@ -46,12 +45,25 @@ from typing import Any
 
 import numpy as np
 
-from pneumo_data.common.config import config_to_dict, option
-from pneumo_data.common.errors import UserError
-from pneumo_data.common.files import file_sha256, read_json
+from pneumo_data import manifest as manifest_lib
+from pneumo_data.common.config import config_to_dict
+from pneumo_data.common.files import file_sha256
+from pneumo_data.common.jobs import import_tensorflow
 from pneumo_data.common.outputs import OutputDir
 from pneumo_eval import metrics as metrics_lib
+from pneumo_eval import plots
 from pneumo_eval import shifts as shifts_lib
+from pneumo_eval.config import RobustnessConfig, RobustnessError
+from pneumo_eval.thresholds import choose_threshold, parse_policy
+from pneumo_models import report as report_lib
+from pneumo_models.export_meta import (
+    chosen_threshold,
+    load_serving_meta,
+    model_size,
+    serving_meta_path,
+)
+from pneumo_models.report import ReportError, read_threshold
+from pneumo_models.rundir import RunDir
 
 log = logging.getLogger("pneumo.robustness")
 
@@ -61,40 +73,12 @@ SPEC_KEY = f"conditions_specificity_below_{SPEC_FLOOR:.2f}"
 SENS_KEY = f"conditions_sensitivity_below_{SENS_FLOOR:.2f}"
 
 
-class RobustnessError(UserError):
-    """The robustness evaluation cannot run with these inputs; the message says why."""
-
-
-@dataclasses.dataclass(frozen=True)
-class RobustnessConfig:
-    """Options of the robustness job; each field is also a command-line flag."""
-
-    model_dir: str | None = option(None, "A finished training model_dir (model.keras, run.json).")
-    split: str = option("val", "Split whose images are shifted.")
-    data_dir: str | None = option(None, "Prepared shards (default: the model's training data, "
-                                        "from its run.json).")
-    threshold_from: str | None = option(
-        None, "A report.json of pneumo_eval.evaluate for this model: use its threshold (default: "
-              "the exported one, else chosen on val by --threshold_policy).")
-    threshold_policy: str = option("youden", "fixed[:T], youden or sensitivity:S, applied to the "
-                                             "val split of the training data when neither "
-                                             "--threshold_from nor an exported threshold is "
-                                             "there.")
-    shifts: tuple[str, ...] | None = option(None, "Shifts to run (comma-separated; default: all "
-                                                  "15).")
-    output_dir: str | None = option(None, "Where the report goes (default: "
-                                          "MODEL_DIR/robustness-SPLIT).")
-    seed: int = option(0, "Seed of the random parts of the shifts (noise, mark positions).")
-    batch_size: int = option(64, "Prediction batch size.")
-
-
 # ---------------------------------------------------------------- inputs
 
-def _load_split(data_dir, split: str, size: int, batch_size: int):
+def _load_split(eval_dataset, data_dir, split: str, size: int, batch_size: int):
     """(uint8 images [N, M, M], labels [N], patient ids [N]) of ``split`` at the model's size."""
-    import pneumo_data
     images, labels, patients = [], [], []
-    for x, y, meta in pneumo_data.eval_dataset(data_dir, split, batch_size=batch_size,
+    for x, y, meta in eval_dataset(data_dir, split, batch_size=batch_size,
                                                image_size=size, with_metadata=True):
         images.append(x.numpy()[..., 0])
         labels.append(y.numpy()[:, 0].astype(np.int64))
@@ -111,13 +95,11 @@ def _scores(score, images: np.ndarray, batch_size: int) -> np.ndarray:
 
 def _exported_threshold(model_dir: Path, model_sha: str) -> dict[str, Any] | None:
     """The threshold the export ships with, when an export job gave it one for this model."""
-    from pneumo_models import export as export_lib
-    saved = model_dir / export_lib.EXPORT_DIR / export_lib.SAVED_MODEL_DIR
-    meta_path = saved / export_lib.META_DIR / export_lib.SERVING_META
-    if not meta_path.exists():
+    saved = RunDir(model_dir).saved_model_path
+    if not serving_meta_path(saved).exists():
         return None
-    meta = read_json(meta_path, "serving metadata")
-    if meta.get("threshold_source") in (None, export_lib.DEFAULT_THRESHOLD_SOURCE):
+    meta = load_serving_meta(saved)
+    if not chosen_threshold(meta):
         return None
     if meta.get("model_sha256") not in (None, model_sha):
         log.warning("%s was exported from another model file than %s/model.keras; its "
@@ -128,21 +110,15 @@ def _exported_threshold(model_dir: Path, model_sha: str) -> dict[str, Any] | Non
 
 
 def _report_threshold(path: str, model_sha: str) -> dict[str, Any]:
-    report = read_json(path, "--threshold_from")
     try:
-        chosen = report["threshold"]
-        value = float(chosen["value"])
-    except (KeyError, TypeError, ValueError):
-        raise RobustnessError(f"--threshold_from {path} is not a report.json of "
-                              f"pneumo_eval.evaluate (no threshold.value)") from None
-    evaluated = (report.get("model") or {}).get("file_sha256")
-    if evaluated and evaluated != model_sha:
-        raise RobustnessError(f"--threshold_from {path} evaluated another model file (sha256 "
-                              f"{evaluated[:12]}...), not this model.keras")
-    return {"value": value, "source": "threshold_from",
-            "detail": f"{path}: policy {chosen.get('policy')} chosen on "
-                      f"{chosen.get('chosen_on')} of {chosen.get('data')}",
-            "policy": chosen.get("policy"), "tta": (report.get("options") or {}).get("tta")}
+        chosen = read_threshold(path)
+        chosen.check_model(model_sha)
+    except ReportError as error:
+        raise RobustnessError(str(error)) from None
+    return {"value": chosen.value, "source": "threshold_from",
+            "detail": f"{path}: policy {chosen.policy} chosen on {chosen.chosen_on} of "
+                      f"{chosen.data}",
+            "policy": chosen.policy, "tta": chosen.tta}
 
 
 # ---------------------------------------------------------------- summary
@@ -194,10 +170,6 @@ def _mean(conditions, key):
 
 def robustness(config: RobustnessConfig) -> dict[str, Any]:
     """Runs the job; returns the report (also written as report.json)."""
-    from pneumo_data import manifest as manifest_lib
-    from pneumo_eval.evaluate import trained_model_and_data
-    from pneumo_eval.thresholds import parse_policy
-
     if not config.model_dir:
         raise RobustnessError("--model_dir is required")
     if config.batch_size < 1:
@@ -214,8 +186,10 @@ def robustness(config: RobustnessConfig) -> dict[str, Any]:
     except ValueError as error:
         raise RobustnessError(str(error)) from None
     model_dir = Path(config.model_dir)
-    model_path, run, train_dir, data_dir, m = trained_model_and_data(
-        model_dir, config.data_dir, config.split, RobustnessError)
+    record, train_dir, data_dir, m = RunDir(model_dir).evaluation_data(
+        config.data_dir, config.split, RobustnessError)
+    run = record.to_dict() if record is not None else {}
+    model_path = RunDir(model_dir).model_path
     model_sha = file_sha256(model_path)
     given = _report_threshold(config.threshold_from, model_sha) if config.threshold_from \
         else None
@@ -229,7 +203,7 @@ def robustness(config: RobustnessConfig) -> dict[str, Any]:
             raise RobustnessError(f"{val_m.data_dir} has no val images to choose the threshold "
                                   f"on; pass --threshold_from")
     target = Path(config.output_dir) if config.output_dir \
-        else model_dir / f"robustness-{config.split}"
+        else RunDir(model_dir).robustness_dir(config.split)
     with OutputDir(target, job="robustness") as out:
         report = _run(config, names, model_dir, model_path, model_sha, run, m, threshold,
                       exported, val_m, out)
@@ -239,20 +213,21 @@ def robustness(config: RobustnessConfig) -> dict[str, Any]:
 
 def _run(config, names, model_dir, model_path, model_sha, run, m, threshold, exported, val_m,
          out: OutputDir) -> dict[str, Any]:
-    from pneumo_eval import plots
-    from pneumo_eval.thresholds import choose_threshold
-    from pneumo_models.export import model_size
+    # The job's TensorFlow half, loaded once the options, folders and threshold are checked.
+    import_tensorflow()
+    from pneumo_data.reader import eval_dataset
     from pneumo_models.models import load_model, predictor
 
     model = load_model(model_path)
     size = model_size(model)
     score = predictor(model)
-    images, labels, patients = _load_split(m.data_dir, config.split, size, config.batch_size)
+    images, labels, patients = _load_split(eval_dataset, m.data_dir, config.split, size,
+                                           config.batch_size)
     clean = _scores(score, images, config.batch_size)
     if threshold is None:
         same = val_m is m and config.split == "val"
         val_labels, val_scores = (labels, clean) if same else _load_and_score(
-            val_m.data_dir, size, config.batch_size, score)
+            eval_dataset, val_m.data_dir, size, config.batch_size, score)
         try:
             choice = choose_threshold(val_labels, val_scores, config.threshold_policy)
         except ValueError as error:
@@ -304,13 +279,13 @@ def _run(config, names, model_dir, model_path, model_sha, run, m, threshold, exp
     plots.robustness_png(report, out.claim("robustness.png"))
     with out.replacing("scores.npz") as tmp, open(tmp, "wb") as handle:
         np.savez_compressed(handle, labels=labels, patients=patients, **all_scores)
-    out.write_text("report.json", json.dumps(report, indent=1) + "\n")
-    out.write_text("report.md", report_markdown(report))
+    out.write_text(report_lib.NAME, json.dumps(report, indent=1) + "\n")
+    out.write_text(report_lib.MARKDOWN, report_markdown(report))
     return report
 
 
-def _load_and_score(data_dir, size, batch_size, score):
-    images, labels, _ = _load_split(data_dir, "val", size, batch_size)
+def _load_and_score(eval_dataset, data_dir, size, batch_size, score):
+    images, labels, _ = _load_split(eval_dataset, data_dir, "val", size, batch_size)
     return labels, _scores(score, images, batch_size)
 
 

@@ -19,7 +19,8 @@ import dataclasses
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from pneumo_eval.metrics import check_threshold, validate
+from pneumo_eval.metrics import validate
+from pneumo_models.report import check_threshold
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,8 +20,11 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+import tensorflow as tf
 
-MODES = ("none", "flip", "flip_scale")
+from pneumo_data.augment import compose, warp
+from pneumo_eval.config import TTA_MODES as MODES
+
 SCALES = {"none": (1.0,), "flip": (1.0,), "flip_scale": (1.0, 0.9, 1.1)}
 
 
@@ -38,9 +41,6 @@ def scaled(images: np.ndarray, scale: float) -> np.ndarray:
     more of the image), bilinear with nearest-edge fill, rounded to uint8."""
     if scale == 1.0:
         return images
-    import tensorflow as tf
-
-    from pneumo_data.augment import compose, warp
     n, height, width = images.shape[:3]
     ones, zeros = tf.ones([n]), tf.zeros([n])
     transforms = compose(zeros, zeros, ones * scale, ones * scale, zeros, zeros, ones,
