@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from pneumo_data import sources
 from pneumo_data.common.errors import UserError
 from pneumo_data.common.files import replacing, write_text
+from pneumo_data.prepare import PrepareConfig, prepare
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -27,7 +29,6 @@ OLD_AUGMENTATION = dict(rotation_range=15, width_shift_range=0.1, height_shift_r
 
 def class_root(source_dir: str) -> str:
     """The folder whose children are NORMAL/PNEUMONIA (train split if there is one)."""
-    from pneumo_data import sources
     layout = sources.detect_layout(Path(source_dir))
     folders = layout.get("train") or layout.get(None) or next(iter(layout.values()))
     return str(next(iter(folders.values())).parent)
@@ -40,7 +41,6 @@ def prepared_train_folder(source_dir: str, prefix: str):
 
     Yields (data_dir, manifest, prepare seconds); the folder is removed afterwards.
     """
-    from pneumo_data.prepare import PrepareConfig, prepare
     work = tempfile.mkdtemp(prefix=prefix)
     try:
         start = time.perf_counter()

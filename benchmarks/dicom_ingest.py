@@ -16,6 +16,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pneumo_data.preprocess import PreprocessSpec, decode, dicom
+from pneumo_data.preprocess.stored import resize_stored
+
 SIDE = 2048
 KINDS = ("dicom 16-bit window", "dicom 12-bit MONOCHROME1 min/max", "dicom RLE 16-bit window",
          "png 16-bit (reference)")
@@ -101,13 +104,13 @@ def _rate(work: Callable[[Path], Any], paths: list[Path], threads: int,
 def decode_rates(folder: Path, images: int, image_size: int, threads: tuple[int, ...],
                  repeats: int, side: int = SIDE) -> dict[str, dict[str, dict[str, float]]]:
     """Images/s per file kind and thread count of the writer's decode call
-    (:func:`pneumo_data.dicom.decode_any`: read, parse, decode, grey levels, resize), and of the
-    header-only read the planner does per DICOM file without a patient or view column."""
-    from pneumo_data import dicom
+    (:func:`pneumo_data.preprocess.decode`: read, parse, decode, grey levels, resize), and of
+    the header-only read the planner does per DICOM file without a patient or view column."""
     kinds = write_kinds(folder, images, side)
+    spec = PreprocessSpec(stored_size=image_size)
 
     def decode_work(path):
-        return dicom.decode_any(path.read_bytes(), image_size)[0]
+        return decode(path.read_bytes(), spec).pixels
 
     results = {kind: {f"threads={t}": _rate(decode_work, paths, t, repeats) for t in threads}
                for kind, paths in kinds.items()}
@@ -121,8 +124,7 @@ def stage_ms(path: Path, image_size: int, repeats: int = 5) -> dict[str, float]:
     """Milliseconds per stage for one DICOM file, one thread (median of ``repeats``)."""
     import pydicom
 
-    from pneumo_data import dicom, preprocess
-    spec = preprocess.PreprocessSpec(stored_size=image_size)
+    spec = PreprocessSpec(stored_size=image_size)
     stages: dict[str, list[float]] = {}
 
     def timed(name, fn):
@@ -137,5 +139,5 @@ def stage_ms(path: Path, image_size: int, repeats: int = 5) -> dict[str, float]:
         pixels = timed("pixel_array", lambda d=ds: d.pixel_array)
         gray = timed("modality+VOI to uint8",
                      lambda p=pixels, d=ds: dicom._monochrome_to_uint8(p, d)[0])
-        timed("resize", lambda g=gray: preprocess.resize_stored(g, spec))
+        timed("resize", lambda g=gray: resize_stored(g, spec))
     return {k: statistics.median(v) for k, v in stages.items()}

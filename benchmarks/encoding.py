@@ -11,7 +11,10 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import common
-from pneumo_data import decode, shards, sources
+from pneumo_data import sources, synthetic
+from pneumo_data.common.jobs import import_tensorflow
+from pneumo_data.preprocess import PreprocessSpec, decode
+from pneumo_data.records import ENCODINGS, encode_image
 
 flags.DEFINE_string("source_dir", None, "Image folder (default: the embedded dataset).")
 flags.DEFINE_integer("images", 400, "How many images to sample.")
@@ -22,27 +25,23 @@ FLAGS = flags.FLAGS
 
 
 def main(_):
-    import tensorflow as tf
+    tf = import_tensorflow()  # the benchmark's TensorFlow half: loaded here, once
+    from pneumo_data.records_tf import decode_image
 
-    from pneumo_data import synthetic
     source_dir = FLAGS.source_dir or str(synthetic.default_dataset_dir())
     found = [f for f in sources.find_sources(source_dir) if f.skip_reason is None]
     step = max(1, len(found) // FLAGS.images)
     size = FLAGS.image_size
-    arrays = [decode.decode_to_gray(f.path.read_bytes(), size) for f in found[::step]]
+    arrays = [decode(f.path, PreprocessSpec(size)).pixels for f in found[::step]]
     arrays = arrays[: FLAGS.images]
     rows, results = [], {}
-    for encoding in shards.ENCODINGS:
+    for encoding in ENCODINGS:
         start = time.perf_counter()
-        blobs = [shards.encode_image(a, encoding) for a in arrays]
+        blobs = [encode_image(a, encoding) for a in arrays]
         encode_rate = len(blobs) / (time.perf_counter() - start)
 
         def parse(blob, encoding=encoding):
-            if encoding == "raw":
-                return tf.reshape(tf.io.decode_raw(blob, tf.uint8), [size, size, 1])
-            if encoding == "jpeg":
-                return tf.io.decode_jpeg(blob, channels=1)
-            return tf.io.decode_png(blob, channels=1)
+            return decode_image(blob, encoding, size)
 
         ds = tf.data.Dataset.from_tensor_slices(blobs).repeat(5).map(parse, num_parallel_calls=2)
         timing = common.repeat_timing(lambda ds=ds: sum(1 for _ in ds), repeats=3)

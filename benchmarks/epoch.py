@@ -22,6 +22,9 @@ from absl import app, flags
 
 from benchmarks import common
 from benchmarks.common import OLD_AUGMENTATION, class_root
+from pneumo_data import synthetic
+from pneumo_data.common.jobs import import_tensorflow
+from pneumo_models.train import train_config
 
 flags.DEFINE_integer("epochs", 2, "Epochs to time for each recipe.")
 flags.DEFINE_integer("max_images", 0, "Cap on images per epoch (0: the whole train folder).")
@@ -62,11 +65,10 @@ def old_recipe(root: str, size: int, batch: int, steps: int, epochs: int) -> lis
 def pneumo_recipe(data_dir: str, size: int, batch: int, steps: int, epochs: int) -> tuple:
     import keras
 
-    import pneumo_data
+    from pneumo_data.reader import train_dataset
     from pneumo_models.models import build_model
     from pneumo_models.precision import resolve_jit, resolve_precision
-    from pneumo_models.recipes import train_config
-    from pneumo_models.train import _compile
+    from pneumo_models.training import _compile
     policy, jit = resolve_precision("auto"), resolve_jit("auto")
     # The seed's recipe, as the old one: affine augmentation only, x/255, Adam 1e-3.
     seed = train_config("seed")
@@ -74,7 +76,7 @@ def pneumo_recipe(data_dir: str, size: int, batch: int, steps: int, epochs: int)
                         augment=seed.pipeline.augmentation, preprocessing="unit",
                         augment_backend="gather" if jit else "kernel", seed=0)
     _compile(model, seed, 1e-3, jit)
-    stream = pneumo_data.train_dataset(data_dir, batch_size=batch, image_size=size)
+    stream = train_dataset(data_dir, batch_size=batch, image_size=size)
     timer = _EpochTimer()
     cb = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, l: timer.begin(),
                                         on_epoch_end=lambda e, l: timer.end())
@@ -84,9 +86,7 @@ def pneumo_recipe(data_dir: str, size: int, batch: int, steps: int, epochs: int)
 
 def main(argv):
     del argv
-    import tensorflow  # noqa: F401
-
-    from pneumo_data import synthetic
+    import_tensorflow()  # the benchmark's TensorFlow half is imported where it is used
     source_dir = FLAGS.source_dir or str(synthetic.default_dataset_dir())
     root = class_root(source_dir)
     size, batch = FLAGS.image_size, FLAGS.batch_size

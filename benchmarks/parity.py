@@ -12,11 +12,11 @@ with the model_dir's ``model.keras`` and the preprocessing settings of its data 
   changed in Pillow 13) + the pipeline's float ``tf.image.resize`` (area/bilinear) + round,
   against the old SavedModel export = ``tf.io.decode_image`` straight to the model size (no
   EXIF orientation, no stored-size step).
-* **after**: ``predict`` = :func:`pneumo_data.preprocess.decode_stored` +
-  :func:`~pneumo_data.preprocess.to_model_input`, against ``MODEL_DIR/export/saved_model``'s
-  ``serving_default`` signature on the file bytes (:mod:`pneumo_models.export`; the
-  threshold plays no part in the probabilities).
-* **ingest drift**: the old decode against ``decode_stored`` (would re-preparing change
+* **after**: ``predict`` = :func:`pneumo_data.preprocess.decode` +
+  :func:`~pneumo_data.preprocess.model_input_tf.to_model_input`, against
+  ``MODEL_DIR/export/saved_model``'s ``serving_default`` signature on the file bytes
+  (:mod:`pneumo_models.export`; the threshold plays no part in the probabilities).
+* **ingest drift**: the old decode against ``decode`` (would re-preparing change
   the stored images?) and the old pipeline route against the new one (what models trained on
   existing shards see differently now).
 
@@ -35,6 +35,12 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import common
+from pneumo_data.common.files import file_sha256
+from pneumo_data.common.jobs import import_tensorflow
+from pneumo_data.manifest import load_manifest
+from pneumo_data.preprocess import decode
+from pneumo_models.export_meta import load_serving_meta, model_size
+from pneumo_models.rundir import RunDir
 
 flags.DEFINE_string("model_dir", None, "A finished training model_dir (model.keras, run.json).")
 flags.DEFINE_string("data_dir", None, "Its prepared data (default: run.json's).")
@@ -114,26 +120,18 @@ def _pixels(a: np.ndarray, b: np.ndarray) -> dict:
 
 def main(argv):
     del argv
-    import tensorflow as tf
-
-    from pneumo_data import preprocess
-    from pneumo_data.common.files import file_sha256, read_json
-    from pneumo_data.manifest import load_manifest
-    from pneumo_models.export import (
-        EXPORT_DIR,
-        SAVED_MODEL_DIR,
-        load_serving_meta,
-        model_size,
-    )
+    tf = import_tensorflow()  # the benchmark's TensorFlow half: loaded here, once
+    from pneumo_data.preprocess.model_input_tf import to_model_input
+    from pneumo_data.preprocess.stored_tf import decode_stored_tf
     from pneumo_models.models import load_model
-    from pneumo_models.train import run_data_dir
 
     name = FLAGS.name or f"parity-{Path(FLAGS.source_dir).name}"
     common.check_writable(*common.result_paths(name, FLAGS.output_dir))  # before measuring
-    model_dir = Path(FLAGS.model_dir)
-    data_dir = FLAGS.data_dir or run_data_dir(model_dir, read_json(model_dir / "run.json"))
+    run = RunDir(FLAGS.model_dir)
+    model_dir = run.path
+    data_dir = FLAGS.data_dir or run.data_dir()
     spec = load_manifest(data_dir).preprocess
-    model = load_model(model_dir / "model.keras")
+    model = load_model(run.model_path)
     size = model_size(model)
     files = _files(Path(FLAGS.source_dir), FLAGS.limit)
     if not files:
@@ -151,15 +149,15 @@ def main(argv):
     old_export_px = np.stack([legacy_export_pixels(d, size) for d in data])
     old_predict, old_export = scores(old_predict_px), scores(old_export_px)
     # after
-    new_stored = np.stack([preprocess.decode_stored(d, spec) for d in data])[..., None]
-    new_px = preprocess.to_model_input(new_stored, size).numpy()
+    new_stored = np.stack([decode(d, spec).pixels for d in data])[..., None]
+    new_px = to_model_input(new_stored, size).numpy()
     new_predict = scores(new_px)
-    decode_tf = tf.function(lambda d: preprocess.decode_stored_tf(d, spec),
+    decode_tf = tf.function(lambda d: decode_stored_tf(d, spec),
                             input_signature=[tf.TensorSpec([], tf.string)])
     graph_stored = np.stack([decode_tf(tf.constant(d)).numpy() for d in data])
-    saved_model = model_dir / EXPORT_DIR / SAVED_MODEL_DIR
-    if load_serving_meta(saved_model)["model_sha256"] != file_sha256(model_dir / "model.keras"):
-        raise app.UsageError(f"{saved_model} is not an export of {model_dir}/model.keras; "
+    saved_model = run.saved_model_path
+    if load_serving_meta(saved_model)["model_sha256"] != file_sha256(run.model_path):
+        raise app.UsageError(f"{saved_model} is not an export of {run.model_path}; "
                              f"run python -m pneumo_models.export --model_dir={model_dir}")
     serve = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
     new_serving = np.concatenate([
@@ -174,7 +172,7 @@ def main(argv):
                    "model_input_pixels": _pixels(old_predict_px, old_export_px)},
         "after": {"probability": _probabilities(new_predict, new_serving, t),
                   "stored_pixels": _pixels(new_stored, graph_stored),
-                  "model_input_pixels": _pixels(new_px, preprocess.to_model_input(
+                  "model_input_pixels": _pixels(new_px, to_model_input(
                       graph_stored, size).numpy())},
         "ingest_drift": {"stored_pixels": _pixels(old_stored, new_stored),
                          "model_input_pixels": _pixels(old_predict_px, new_px),

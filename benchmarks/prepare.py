@@ -40,8 +40,12 @@ from pathlib import Path
 
 from absl import app, flags
 
-from benchmarks import common
+from benchmarks import common, dicom_ingest
+from pneumo_data import beam_writer, sources, synthetic
 from pneumo_data.common.config import with_leaves
+from pneumo_data.common.jobs import import_tensorflow
+from pneumo_data.common.outputs import OutputDir
+from pneumo_data.plan import ShardGroup, make_plan
 from pneumo_data.prepare import PrepareConfig, prepare
 
 flags.DEFINE_string("source_dir", None, "Image folder (default: the embedded dataset).")
@@ -74,7 +78,6 @@ def _time_prepare(config: PrepareConfig) -> dict[str, float]:
 
 
 def folders_main():
-    from pneumo_data import synthetic
     source_dir = FLAGS.source_dir or str(synthetic.default_dataset_dir())
     results, rows = {}, []
     for workers in (1, 0):
@@ -93,7 +96,6 @@ def folders_main():
 
 
 def dicom_main():
-    from benchmarks import dicom_ingest
     threads = tuple(int(t) for t in FLAGS.threads)
     work = Path(tempfile.mkdtemp(prefix="pneumo-bench-dicom-"))
     try:
@@ -128,8 +130,6 @@ def dicom_main():
 
 
 def _plan(config: PrepareConfig):
-    from pneumo_data import sources
-    from pneumo_data.plan import make_plan
     scan = sources.scan(config.source_dir, config.source, config.patient_id_regex)
     return make_plan(scan, config, os.cpu_count() or 1, lambda it, total, desc: it,
                      logging.getLogger("benchmarks.prepare"))
@@ -137,7 +137,6 @@ def _plan(config: PrepareConfig):
 
 def _startup_plan(plan):
     """One file per class of the first split: what Beam costs before any real work."""
-    from pneumo_data.plan import ShardGroup
     groups = [ShardGroup(g.split, g.label, g.entries[:1], 1) for g in plan.groups[:2]]
     return dataclasses.replace(plan, groups=groups,
                                entries=[e for g in groups for e in g.entries])
@@ -145,13 +144,11 @@ def _startup_plan(plan):
 
 def _write_with(runner: str, plan, config: PrepareConfig, out_dir: str) -> dict:
     """Writes ``plan`` with one runner into ``out_dir``; returns the shard table."""
-    from pneumo_data import prepare as prepare_module
-    from pneumo_data.common.outputs import OutputDir
+    from pneumo_data import shard_writer  # TensorFlow: loaded by main()
     with OutputDir(out_dir, "prepare") as out:
         if runner == "threads":
             workers = config.num_workers or os.cpu_count() or 1
-            return prepare_module._write_shards(plan, out, config, workers)[0]
-        from pneumo_data import beam_writer
+            return shard_writer.write_shards(plan, out, config, workers)[0]
         kind, _, processes = runner.partition(":")
         if kind not in ("beam", "beam-startup") or not processes.isdigit():
             raise ValueError(f"unknown runner {runner!r}: threads, beam:N or beam-startup:N")
@@ -198,7 +195,6 @@ def compare_runners(source_dir: str, runners: list[str], image_size: int, repeat
 
 
 def runners_main():
-    from pneumo_data import synthetic
     source_dir = FLAGS.source_dir or str(synthetic.default_dataset_dir())
     name = FLAGS.name or f"prepare-runners-{source_dir.rstrip('/').split('/')[-1]}"
     common.check_writable(*common.result_paths(name, FLAGS.output_dir))
@@ -213,7 +209,7 @@ def runners_main():
 
 
 def main(_):
-    import tensorflow  # noqa: F401  (import cost is start-up, not ingest)
+    import_tensorflow()  # import cost is start-up, not ingest
     if FLAGS.dicom:
         dicom_main()
     elif FLAGS.runners:

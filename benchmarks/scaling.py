@@ -45,6 +45,8 @@ from pathlib import Path
 from absl import app, flags
 
 from benchmarks import common
+from pneumo_data import synthetic
+from pneumo_data.prepare import PrepareConfig, prepare
 
 flags.DEFINE_string("model", "manual_cnn", "Model to train.")
 flags.DEFINE_string("precision", "auto", "Dtype policy (auto: per device).")
@@ -117,8 +119,7 @@ def run_cell(cell: dict) -> dict:
     import keras
     import tensorflow as tf
 
-    import pneumo_data
-    from pneumo_data import service
+    from pneumo_data import reader
     from pneumo_models import models
     from pneumo_models.loop import TrainingLoop, default_metrics
     from pneumo_models.precision import resolve_precision
@@ -137,12 +138,9 @@ def run_cell(cell: dict) -> dict:
         address = dispatcher.target
 
     def stream(ctx=None, augment="device"):
-        if address:
-            return service.train_dataset(data, address, batch_size=batch, image_size=size,
-                                         seed=0, augment=augment, input_context=ctx,
-                                         job_name=f"bench-{augment}")
-        return pneumo_data.train_dataset(data, batch_size=batch, image_size=size, seed=0,
-                                         augment=augment, input_context=ctx)
+        return reader.train_dataset(data, batch_size=batch, image_size=size, seed=0,
+                                    augment=augment, input_context=ctx, service=address,
+                                    job_name=f"bench-{augment}" if address else None)
 
     result = dict(cell)
     if cell["kind"] == "input":
@@ -233,8 +231,6 @@ def main(argv):
     if FLAGS.cell:
         print(json.dumps(run_cell(json.loads(FLAGS.cell))), flush=True)
         return
-    from pneumo_data import synthetic
-    from pneumo_data.prepare import PrepareConfig, prepare
     source_dir = FLAGS.source_dir or str(synthetic.default_dataset_dir())
     size, batch, spe = FLAGS.image_size, FLAGS.batch_size, FLAGS.steps_per_execution
     name = FLAGS.name or f"scaling-{Path(source_dir).name}"

@@ -36,6 +36,12 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import common
+from pneumo_data.common.jobs import import_tensorflow
+from pneumo_data.manifest import load_manifest
+from pneumo_eval.metrics import binary_metrics
+from pneumo_models.edge import LiteRTModel
+from pneumo_models.export_meta import LITERT_META, load_litert_meta, load_serving_meta, model_size
+from pneumo_models.rundir import RunDir
 
 flags.DEFINE_string("model_dir", None, "A model_dir exported by python -m pneumo_models.export "
                                        "(export/saved_model, export/litert).")
@@ -78,34 +84,23 @@ def _throughput(call, batch, repeats: int) -> dict:
 
 def main(argv):
     del argv
-    import tensorflow as tf
-
-    from pneumo_data import preprocess
-    from pneumo_data.common.files import read_json
-    from pneumo_data.manifest import load_manifest
-    from pneumo_data.pipeline import eval_dataset
-    from pneumo_eval.metrics import binary_metrics
-    from pneumo_models import litert
-    from pneumo_models.export import (
-        EXPORT_DIR,
-        LITERT_DIR,
-        SAVED_MODEL_DIR,
-        load_serving_meta,
-        model_size,
-    )
+    tf = import_tensorflow()  # the benchmark's TensorFlow half: loaded here, once
+    from pneumo_data.preprocess.model_input_tf import to_model_input
+    from pneumo_data.reader import eval_dataset
+    from pneumo_models.litert import float32_copy
     from pneumo_models.models import load_model, predictor
-    from pneumo_models.train import run_data_dir
 
-    model_dir = Path(FLAGS.model_dir)
+    run = RunDir(FLAGS.model_dir)
+    model_dir = run.path
     name = FLAGS.name or f"serving-{model_dir.name}"
     common.check_writable(*common.result_paths(name, FLAGS.output_dir))  # before measuring
-    data_dir = FLAGS.data_dir or run_data_dir(model_dir, read_json(model_dir / "run.json"))
+    data_dir = FLAGS.data_dir or run.data_dir()
     m = load_manifest(data_dir)
     spec = m.preprocess
-    saved_model = model_dir / EXPORT_DIR / SAVED_MODEL_DIR
+    saved_model = run.saved_model_path
     meta = load_serving_meta(saved_model)
     threshold = meta["threshold"]
-    model = load_model(model_dir / "model.keras")
+    model = load_model(run.model_path)
     size = model_size(model)
 
     stored, labels, sources = [], [], []
@@ -123,14 +118,14 @@ def main(argv):
 
     def keras_route(net):
         score = predictor(net)  # graph execution, as evaluate and predict run it
-        return lambda x: score(preprocess.to_model_input(x, size))
+        return lambda x: score(to_model_input(x, size))
 
     loaded = tf.saved_model.load(str(saved_model))
     pixels_sig = loaded.signatures["serve_pixels"]
     bytes_sig = loaded.signatures["serving_default"]
     routes = {
         "Keras": (keras_route(model), stored),
-        "Keras float32": (keras_route(litert.float32_copy(model)), stored),
+        "Keras float32": (keras_route(float32_copy(model)), stored),
         "SavedModel pixels": (lambda x: pixels_sig(pixels=tf.constant(x))["probability"]
                               .numpy(), stored),
         "SavedModel bytes": (lambda b: bytes_sig(images=tf.constant(b))["probability"].numpy(),
@@ -138,14 +133,14 @@ def main(argv):
     }
     file_sizes = {}
     litert_meta = None
-    litert_dir = model_dir / EXPORT_DIR / LITERT_DIR
+    litert_dir = run.litert_path
     for path in sorted(litert_dir.glob("*.tflite")):
-        edge = litert.LiteRTModel(path, num_threads=FLAGS.litert_threads)
+        edge = LiteRTModel(path, num_threads=FLAGS.litert_threads)
         routes[f"LiteRT {path.stem}"] = (lambda x, e=edge: e.predict(x, batch_size=len(x)),
                                          stored)
         file_sizes[f"LiteRT {path.stem}"] = path.stat().st_size
-    if (litert_dir / litert.LITERT_META).exists():
-        litert_meta = read_json(litert_dir / litert.LITERT_META)
+    if (litert_dir / LITERT_META).exists():
+        litert_meta = load_litert_meta(litert_dir / LITERT_META)
 
     results, reference = {}, None
     for route, (call, inputs) in routes.items():
