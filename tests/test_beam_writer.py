@@ -102,18 +102,18 @@ def test_beam_output_is_identical_to_the_threaded_prepare(tmp_path):
 
 def test_a_failed_beam_run_leaves_no_manifest_and_the_next_run_recovers(tmp_path, monkeypatch):
     pytest.importorskip("apache_beam", reason=NO_BEAM)
-    from pneumo_data import prepare as prepare_module
+    from pneumo_data import shard_writer
     src = _source(tmp_path)
     out = tmp_path / "out"
     options = dict(source_dir=str(src), image_size=16, progress=False, shard_mb=0.004)
-    real = prepare_module.encode_record
+    real = shard_writer.encode_record
 
     def failing(entry, config):
         if entry.source.relpath == "test/PNEUMONIA/person25_virus_251.png":
             raise RuntimeError("worker died")
         return real(entry, config)
 
-    monkeypatch.setattr(prepare_module, "encode_record", failing)
+    monkeypatch.setattr(shard_writer, "encode_record", failing)
     with pytest.raises(Exception, match="worker died"):  # Beam wraps the worker's error
         prepare(PrepareConfig(output_dir=str(out), runner="beam",
                               beam_pipeline_options="--runner=FnApiRunner", **options))

@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumo_data.decode import DecodeError, decode_to_gray
+from pneumo_data.preprocess import DEFAULT_MAX_PIXELS, DecodeError, PreprocessSpec, decode
+
+
+def decode_to_gray(data: bytes, size: int, resize: str = "stretch",
+                   max_pixels: int = DEFAULT_MAX_PIXELS, fast_jpeg: bool = True) -> np.ndarray:
+    return decode(data, PreprocessSpec(size, resize, fast_jpeg, max_pixels)).pixels
 
 
 def encoded(image: Image.Image, fmt: str, **kw) -> bytes:

@@ -15,16 +15,21 @@ from pydicom.encaps import encapsulate  # noqa: E402
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, get_decoder  # noqa: E402
 from pydicom.sequence import Sequence  # noqa: E402
 
-from pneumo_data import decode  # noqa: E402
-from pneumo_data.dicom import (  # noqa: E402
+from pneumo_data.preprocess import (  # noqa: E402
+    DEFAULT_MAX_PIXELS,
+    RESIZE_MODES,
+    DecodeError,
+    PreprocessSpec,
+    decode,
+)
+from pneumo_data.preprocess import dicom as dicom_module  # noqa: E402
+from pneumo_data.preprocess.dicom import (  # noqa: E402
     DicomDecodeError,
-    decode_any,
-    decode_dicom,
     dicom_to_uint8,
     is_dicom,
     read_dicom_info,
 )
-from pneumo_data.preprocess import PreprocessSpec, resize_stored  # noqa: E402
+from pneumo_data.preprocess.stored import resize_stored  # noqa: E402
 from tests.dicom_files import (  # noqa: E402
     gradient,
     jpeg_baseline_dataset,
@@ -56,6 +61,11 @@ def assert_close(ours: np.ndarray, expected: np.ndarray) -> None:
     diff = np.abs(ours.astype(int) - expected.astype(int))
     assert diff.max() <= 1, diff.max()
     assert (diff == 0).mean() > 0.99
+
+
+def decode_dicom(data: bytes, size: int, resize: str = "stretch",
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+    return dicom_module.decode_dicom(data, PreprocessSpec(size, resize, max_pixels=max_pixels))
 
 
 def decoded_full(ds: Dataset) -> tuple[np.ndarray, object]:
@@ -187,7 +197,7 @@ def test_monochrome1_is_inverted_so_bone_stays_bright():
     (False, {}),
 ])
 def test_table_lookup_equals_per_pixel_arithmetic(signed, tags):
-    from pneumo_data.dicom import _grey_levels, _monochrome_to_uint8
+    from pneumo_data.preprocess.dicom import _grey_levels, _monochrome_to_uint8
     stored = gradient((40, 40), -2000 if signed else 0, 3000, np.int16 if signed else np.uint16)
     ds = reread(make_dataset(stored, bits_stored=16, **tags))
     fast, rule = _monochrome_to_uint8(ds.pixel_array, ds)
@@ -214,7 +224,7 @@ def test_rgb_becomes_luma_like_pillow():
 def test_resize_reuses_the_image_decoder_resize():
     ds = make_dataset(gradient((60, 40), 0, 4095), bits_stored=12)
     full, _ = dicom_to_uint8(reread(ds))
-    for mode in decode.RESIZE_MODES:
+    for mode in RESIZE_MODES:
         out, _ = decode_dicom(to_bytes(ds), 24, mode)
         expected = resize_stored(full, PreprocessSpec(stored_size=24, resize=mode))
         np.testing.assert_array_equal(out, expected)
@@ -238,8 +248,8 @@ def test_jpeg_baseline_like_rsna_decodes_with_pillow():
     out, info = decoded_full(ds)
     buffer = io.BytesIO()
     Image.fromarray(gray, "L").save(buffer, "JPEG", quality=90)
-    np.testing.assert_array_equal(out, decode.decode_to_gray(buffer.getvalue(), 64,
-                                                             fast_jpeg=False))
+    np.testing.assert_array_equal(
+        out, decode(buffer.getvalue(), PreprocessSpec(64, fast_jpeg=False)).pixels)
     assert info.transfer_syntax == "JPEG Baseline (Process 1)" and info.voi == "8bit"
     assert info.decoder == "pillow"
 
@@ -262,7 +272,7 @@ def test_compressed_syntax_without_decoder_is_refused_with_what_to_install():
 # ---------------------------------------------------------------- refusals
 
 def test_refusals_are_decode_errors():
-    assert issubclass(DicomDecodeError, decode.DecodeError)
+    assert issubclass(DicomDecodeError, DecodeError)
 
 
 def test_multi_frame_is_refused():
@@ -333,10 +343,12 @@ def test_read_dicom_info_from_a_path_does_not_need_pixels(tmp_path):
     assert info.bits_stored == 12 and info.rows == 64
 
 
-def test_decode_any_routes_by_content_not_name():
+def test_decode_routes_by_content_not_name():
     png = io.BytesIO()
     Image.fromarray(gradient((20, 20), 0, 255, np.uint8), "L").save(png, "PNG")
-    out, info = decode_any(png.getvalue(), 10)
-    assert info is None and out.shape == (10, 10)
-    out, info = decode_any(to_bytes(make_dataset(gradient((20, 20), 0, 4095), bits_stored=12)), 10)
-    assert info is not None and info.voi == "minmax" and out.shape == (10, 10)
+    decoded = decode(png.getvalue(), PreprocessSpec(10))
+    assert decoded.dicom is None and decoded.pixels.shape == (10, 10)
+    decoded = decode(to_bytes(make_dataset(gradient((20, 20), 0, 4095), bits_stored=12)),
+                     PreprocessSpec(10))
+    assert decoded.dicom is not None and decoded.dicom.voi == "minmax"
+    assert decoded.pixels.shape == (10, 10)

@@ -14,6 +14,7 @@ from pneumo_data.common.config import with_leaves
 from pneumo_data.common.errors import UserError
 from pneumo_data.manifest import ManifestError
 from pneumo_eval import evaluate as ev
+from pneumo_eval.evaluation import predict_split
 from pneumo_eval.metrics import binary_metrics
 from pneumo_eval.predict import PredictConfig, PredictError, predict
 from pneumo_eval.thresholds import choose_threshold
@@ -45,8 +46,8 @@ def config(dirs, out, **kw):
 def test_report_threshold_from_val_applied_to_test(model_dirs, prepared, tmp_path):
     (report,) = ev.evaluate(config(model_dirs[:1], tmp_path, threshold_policy="youden"))
     model = load_model(model_dirs[0] / "model.keras")
-    val = ev.predict_split(model, prepared, "val", 64)
-    test = ev.predict_split(model, prepared, "test", 64)
+    val = predict_split(model, prepared, "val", 64)
+    test = predict_split(model, prepared, "test", 64)
     chosen = choose_threshold(val.labels, val.scores, "youden")
     assert report["threshold"]["value"] == pytest.approx(chosen.threshold)
     assert report["threshold"]["chosen_on"] == "val" and report["threshold"]["policy"] == "youden"
@@ -192,8 +193,8 @@ def test_cross_dataset_threshold_from_the_training_data(model_dirs, prepared, ex
     (report,) = ev.evaluate(config(model_dirs[:1], tmp_path, data_dir=str(export_data),
                                    gradcam_examples=0))
     model = load_model(model_dirs[0] / "model.keras")
-    val_a = ev.predict_split(model, prepared, "val", 64)
-    test_b = ev.predict_split(model, export_data, "test", 64)
+    val_a = predict_split(model, prepared, "val", 64)
+    test_b = predict_split(model, export_data, "test", 64)
     chosen = choose_threshold(val_a.labels, val_a.scores, "youden")
     assert report["threshold"]["value"] == pytest.approx(chosen.threshold)
     assert report["threshold"]["data_dir"] == str(prepared)
@@ -222,7 +223,7 @@ def test_cross_dataset_threshold_on_the_target_is_labelled_as_peeking(model_dirs
     (report,) = ev.evaluate(config(model_dirs[:1], tmp_path, data_dir=str(export_data),
                                    threshold_data="target", gradcam_examples=0))
     model = load_model(model_dirs[0] / "model.keras")
-    val_b = ev.predict_split(model, export_data, "val", 64)
+    val_b = predict_split(model, export_data, "val", 64)
     chosen = choose_threshold(val_b.labels, val_b.scores, "youden")
     assert report["threshold"]["value"] == pytest.approx(chosen.threshold)
     assert report["threshold"]["data"] == "export"
@@ -251,8 +252,8 @@ def test_cross_dataset_overlap_with_the_training_images_is_flagged(model_dirs, s
 def test_tta_and_calibration_in_the_report(model_dirs, prepared, tmp_path):
     (report,) = ev.evaluate(config(model_dirs[:1], tmp_path, tta="flip", gradcam_examples=0))
     model = load_model(model_dirs[0] / "model.keras")
-    val = ev.predict_split(model, prepared, "val", 64, tta="flip")
-    plain = ev.predict_split(model, prepared, "val", 64)
+    val = predict_split(model, prepared, "val", 64, tta="flip")
+    plain = predict_split(model, prepared, "val", 64)
     assert not np.allclose(val.scores, plain.scores)
     chosen = choose_threshold(val.labels, val.scores, "youden")
     assert report["tta"] == "flip" and report["options"]["tta"] == "flip"
@@ -267,9 +268,9 @@ def test_tta_and_calibration_in_the_report(model_dirs, prepared, tmp_path):
 
 
 def test_predict_tta_is_the_mean_over_the_views(model_dirs, synthetic_source, prepared, tmp_path):
-    from pneumo_data.dicom import decode_any
     from pneumo_data.manifest import load_manifest
-    from pneumo_data.preprocess import to_model_input
+    from pneumo_data.preprocess import decode
+    from pneumo_data.preprocess.model_input_tf import to_model_input
     from pneumo_models.models import predictor
     image = sorted((synthetic_source / "test" / "PNEUMONIA").iterdir())[0]
     rows = {}
@@ -278,8 +279,7 @@ def test_predict_tta_is_the_mean_over_the_views(model_dirs, synthetic_source, pr
                                     output=str(tmp_path / f"{mode}.csv"), tta=mode))
         rows[mode] = float(next(csv.DictReader(open(out)))["probability"])
     spec = load_manifest(prepared).preprocess
-    stored, _ = decode_any(image.read_bytes(), spec.stored_size, spec.resize, spec.max_pixels,
-                           spec.fast_jpeg)
+    stored = decode(image, spec).pixels
     model = load_model(model_dirs[0] / "model.keras")
     x = to_model_input(stored[None, ..., None], int(model.inputs[0].shape[1]))
     score = predictor(model)

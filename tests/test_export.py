@@ -16,21 +16,21 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from pneumo_data import preprocess as pp
-from pneumo_data.common.config import with_leaves
+from pneumo_data.common.config import config_from_dict, with_leaves
 from pneumo_data.common.errors import UserError
 from pneumo_data.common.files import file_sha256
 from pneumo_data.common.outputs import LEDGER_NAME, FolderBusyError, OutputDir
+from pneumo_data.preprocess.exif import ORIENTATION_TAG
+from pneumo_data.preprocess.model_input_tf import to_model_input
+from pneumo_data.preprocess.spec import PreprocessSpec
+from pneumo_data.preprocess.stored import decode_stored
 from pneumo_eval.predict import PredictConfig, PredictError, predict
-from pneumo_models.export import (
-    ExportConfig,
-    ExportError,
-    export,
-    export_saved_model,
-    load_serving_meta,
-)
+from pneumo_models.export import ExportConfig, export
+from pneumo_models.export_meta import ExportError, load_serving_meta
 from pneumo_models.models import build_model, load_model
-from pneumo_models.train import load_run_config, train
+from pneumo_models.rundir import RunDir
+from pneumo_models.serving import export_saved_model
+from pneumo_models.train import TrainConfig, train
 from tests.conftest import copy_model_dir
 
 ROOT = Path(__file__).parents[1]
@@ -59,7 +59,7 @@ def small_model():
 
 @pytest.fixture(scope="module")
 def exported(small_model, tmp_path_factory):
-    spec = pp.PreprocessSpec(stored_size=64)
+    spec = PreprocessSpec(stored_size=64)
     path = export_saved_model(small_model, tmp_path_factory.mktemp("serve") / "serving", spec,
                               threshold=0.5, threshold_source="test")
     return path, spec, tf.saved_model.load(str(path))
@@ -67,8 +67,8 @@ def exported(small_model, tmp_path_factory):
 
 def reference(model, spec, files: list[bytes]) -> np.ndarray:
     """The Pillow route (ingest + pipeline, predict): stage (a), stage (b), the Keras model."""
-    stored = np.stack([pp.decode_stored(f, spec) for f in files])[..., None]
-    pixels = pp.to_model_input(stored, int(model.inputs[0].shape[1]))
+    stored = np.stack([decode_stored(f, spec) for f in files])[..., None]
+    pixels = to_model_input(stored, int(model.inputs[0].shape[1]))
     return model.predict(pixels, verbose=0)[:, 0]
 
 
@@ -76,7 +76,7 @@ def test_bytes_signature_equals_the_pillow_path(small_model, exported):
     path, spec, loaded = exported
     pixels = images(0, [(64, 64), (300, 200), (97, 131), (1500, 1300)])
     exif = Image.Exif()
-    exif[pp.ORIENTATION_TAG] = 6
+    exif[ORIENTATION_TAG] = 6
     files = [encode(pixels[0], "PNG"), encode(pixels[1], "JPEG", quality=90),
              encode(np.stack([pixels[2]] * 3, -1), "JPEG"),
              encode(pixels[3], "JPEG", exif=exif.tobytes()),
@@ -96,7 +96,7 @@ def test_pixels_signature_any_size(small_model, exported):
     serve = loaded.signatures["serve_pixels"]
     stored = np.stack(images(1, [(64, 64)] * 3))[..., None]
     got = serve(pixels=tf.constant(stored))["probability"].numpy()
-    want = small_model.predict(pp.to_model_input(stored, 40), verbose=0)[:, 0]
+    want = small_model.predict(to_model_input(stored, 40), verbose=0)[:, 0]
     np.testing.assert_allclose(got, want, atol=1e-6)
     # Another size gets stage (a)'s resize first: the same as decoding a PNG of it.
     odd = images(2, [(90, 70), (90, 70)])
@@ -110,11 +110,11 @@ def test_saved_model_keeps_the_models_preprocessing(tmp_path):
     SavedModel as they run in Keras."""
     model = build_model("bn_cnn", image_size=40, weights="none", seed=1, crop=0.1)
     assert model.get_layer("preprocess").mode == "standardize"
-    spec = pp.PreprocessSpec(stored_size=64)
+    spec = PreprocessSpec(stored_size=64)
     loaded = tf.saved_model.load(str(export_saved_model(model, tmp_path / "s", spec)))
     stored = np.stack(images(3, [(64, 64)] * 4))[..., None]
     got = loaded.signatures["serve_pixels"](pixels=tf.constant(stored))["probability"].numpy()
-    want = model.predict(pp.to_model_input(stored, 40), verbose=0)[:, 0]
+    want = model.predict(to_model_input(stored, 40), verbose=0)[:, 0]
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
@@ -139,7 +139,7 @@ def test_metadata_records_spec_and_threshold(exported):
 
 def test_standalone_export_checks_threshold_and_foreign_folders(small_model, tmp_path):
     with pytest.raises(ExportError, match="threshold"):
-        export_saved_model(small_model, tmp_path / "s", pp.PreprocessSpec(), threshold=1.5)
+        export_saved_model(small_model, tmp_path / "s", PreprocessSpec(), threshold=1.5)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(ExportError, match="not a pneumo export"):
@@ -163,7 +163,7 @@ def _report(path: Path, model_dir: Path, value: float, sha: str | None = None) -
 
 
 def _val_images(data_dir, size: int) -> np.ndarray:
-    from pneumo_data.pipeline import eval_dataset
+    from pneumo_data.reader import eval_dataset
     return np.concatenate([x.numpy() for x, _ in eval_dataset(data_dir, "val", image_size=size)])
 
 
@@ -191,7 +191,7 @@ def test_export_job_reexports_with_the_evaluated_threshold(model_dir, prepared, 
     loaded = tf.saved_model.load(result["saved_model"])
     stored = _val_images(prepared, 64)
     out = loaded.signatures["serve_pixels"](pixels=tf.constant(stored))
-    want = model.predict(pp.to_model_input(stored, 32), verbose=0)[:, 0]
+    want = model.predict(to_model_input(stored, 32), verbose=0)[:, 0]
     np.testing.assert_allclose(out["probability"].numpy(), want, atol=1e-6)
     assert (out["threshold"].numpy() == np.float32(0.3)).all()
     # The user's files survive, in the model_dir and inside the export job's folder.
@@ -241,26 +241,11 @@ def test_a_user_file_inside_the_saved_model_is_never_deleted(model_dir):
         extra.unlink()
 
 
-def test_old_layout_is_adopted_and_train_overwrite_keeps_user_files(trained_model_dir, prepared,
-                                                                    tmp_path):
-    out = tmp_path / "old"
+def test_train_overwrite_keeps_user_files_in_the_export_folder(trained_model_dir, tmp_path):
+    out = tmp_path / "run"
     shutil.copytree(trained_model_dir, out)
-    model = load_model(out / "model.keras")
-    with OutputDir(out, "train") as ledger:  # what training wrote before: export/ = SavedModel
-        ledger.remove("export")
-        export_saved_model(model, out / "export", out=ledger)
-    assert (out / "export" / "saved_model.pb").exists()
-    (out / "export" / "assets" / "mine.txt").write_text("x")
-    with pytest.raises(UserError, match="mine.txt"):
-        export(ExportConfig(model_dir=str(out), data_dir=str(prepared)))
-    assert (out / "export" / "saved_model.pb").exists()
-    (out / "export" / "assets" / "mine.txt").unlink()
-    export(ExportConfig(model_dir=str(out), data_dir=str(prepared), threshold=0.4))
-    assert not (out / "export" / "saved_model.pb").exists()
-    assert load_serving_meta(out / "export" / "saved_model")["threshold"] == 0.4
-    # train --overwrite removes the export job's files through its ledger, never the user's.
     (out / "export" / "mine.txt").write_text("x")
-    config = load_run_config(out)
+    config = config_from_dict(TrainConfig, {"overwrite": False, **RunDir(out).config()})
     train(with_leaves(config, model_dir=str(out), seed=1, overwrite=True))
     assert (out / "export" / "mine.txt").read_text() == "x"
     meta = load_serving_meta(out / "export" / "saved_model")
@@ -292,14 +277,14 @@ def test_predict_refuses_unknown_model_kinds(tmp_path):
 def test_dicom_through_serve_pixels_and_predict_equals_ingest(small_model, exported, tmp_path):
     """DICOM: decoded and windowed outside the graph, then serve_pixels, gives the ingest route's
     probability; predict reads DICOM files the same way."""
-    from pneumo_data import dicom
+    from pneumo_data.preprocess import dicom
     from tests.dicom_files import gradient, make_dataset, to_bytes
 
     path, spec, loaded = exported
     data = to_bytes(make_dataset(gradient((150, 110), 0, 4095), bits_stored=12,
                                  WindowCenter=1800, WindowWidth=2600))
-    stored, _ = dicom.decode_dicom(data, spec.stored_size, spec.resize)  # what ingest stores
-    want = small_model.predict(pp.to_model_input(stored[None, ..., None], 40), verbose=0)[0, 0]
+    stored, _ = dicom.decode_dicom(data, spec)  # what ingest stores
+    want = small_model.predict(to_model_input(stored[None, ..., None], 40), verbose=0)[0, 0]
     import pydicom  # what a client does before calling serve_pixels
     windowed, _ = dicom.dicom_to_uint8(pydicom.dcmread(io.BytesIO(data)))
     got = loaded.signatures["serve_pixels"](pixels=tf.constant(windowed[None, ..., None]))

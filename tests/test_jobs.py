@@ -47,7 +47,7 @@ def test_run_job_reports_user_errors_and_keeps_tracebacks_of_bugs(tmp_path):
                 open("/proc/version", "w")
             raise KeyError("a bug")
 
-        run_job("demo", C, job, needs_tensorflow=False)
+        run_job("demo", C, job)
     """
     user = subprocess.run([sys.executable, "-c", textwrap.dedent(template)], capture_output=True,
                           text=True, cwd=ROOT)

@@ -11,13 +11,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumo_data import preprocess as pp
 from pneumo_data.common.errors import UserError
 from pneumo_data.manifest import load_manifest
-from pneumo_data.pipeline import eval_dataset
+from pneumo_data.preprocess.model_input import to_model_input_np
+from pneumo_data.preprocess.model_input_tf import to_model_input
+from pneumo_data.preprocess.spec import PreprocessSpec
+from pneumo_data.preprocess.stored import decode_stored
+from pneumo_data.reader import eval_dataset
 from pneumo_eval.predict import PredictConfig, predict
 from pneumo_models import litert
-from pneumo_models.export import ExportError
+from pneumo_models.edge import LiteRTModel
+from pneumo_models.export_meta import LITERT_META, VARIANTS, ExportError
 from pneumo_models.models import build_model
 
 
@@ -57,7 +61,7 @@ def litert_files(prepared, tmp_path_factory, request):
         model = build_model("manual_cnn", image_size=40, weights="none", seed=3)
     else:
         model = build_model("bn_cnn", image_size=40, weights="none", seed=3, crop=0.1)
-    spec = pp.PreprocessSpec(stored_size=64)
+    spec = PreprocessSpec(stored_size=64)
     out = tmp_path_factory.mktemp("litert") / "litert"
     paths = litert.export_litert(model, out, spec, data_dir=prepared, calibration=64)
     return model, paths, out
@@ -66,10 +70,10 @@ def litert_files(prepared, tmp_path_factory, request):
 def test_litert_variants_reproduce_the_keras_model(prepared, litert_files):
     model, paths, out = litert_files
     test = _split_images(prepared, "test", 64)
-    want = model.predict(pp.to_model_input(test, 40), verbose=0)[:, 0]
+    want = model.predict(to_model_input(test, 40), verbose=0)[:, 0]
     tolerance = {"float32": 1e-5, "float16": 5e-3, "int8": 0.05}
     for variant, path in paths.items():
-        edge = litert.LiteRTModel(path)
+        edge = LiteRTModel(path)
         assert edge.stored_size == 64
         got = edge.predict(test, batch_size=7)
         assert got.shape == want.shape
@@ -77,10 +81,10 @@ def test_litert_variants_reproduce_the_keras_model(prepared, litert_files):
         # One image at a time (the file's own batch of 1) gives the same numbers.
         np.testing.assert_allclose(edge.predict(test[:3], batch_size=1), got[:3], atol=1e-6)
         assert "GATHER" in edge.ops() and not any("FLEX" in op for op in edge.ops())
-    meta = json.loads((out / litert.LITERT_META).read_text())
+    meta = json.loads((out / LITERT_META).read_text())
     assert meta["calibration"]["split"] == "train" and meta["calibration"]["images"] == 64
-    assert meta["preprocess"] == pp.PreprocessSpec(stored_size=64).to_dict()
-    assert set(meta["variants"]) == set(litert.VARIANTS)
+    assert meta["preprocess"] == PreprocessSpec(stored_size=64).to_dict()
+    assert set(meta["variants"]) == set(VARIANTS)
     sizes = {v: paths[v].stat().st_size for v in paths}
     assert sizes["int8"] < sizes["float16"] < sizes["float32"]
 
@@ -95,8 +99,8 @@ def test_litert_stage_b_is_exact(tmp_path):
     probe = keras.Model(inputs, keras.layers.Reshape((1,))(x))
     (tmp_path / "probe.tflite").write_bytes(litert.convert(probe, 64, "float32"))
     stored = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 1)).astype(np.uint8)
-    got = litert.LiteRTModel(tmp_path / "probe.tflite").predict(stored)
-    want = pp.to_model_input_np(stored, 40).astype(np.float64).mean(axis=(1, 2, 3)) / 255
+    got = LiteRTModel(tmp_path / "probe.tflite").predict(stored)
+    want = to_model_input_np(stored, 40).astype(np.float64).mean(axis=(1, 2, 3)) / 255
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
@@ -113,19 +117,19 @@ def test_bf16_models_are_copied_to_float32():
 def test_int8_without_calibration_data_is_refused(tmp_path):
     model = build_model("manual_cnn", image_size=40, weights="none", seed=0)
     with pytest.raises(ExportError, match="data_dir"):
-        litert.export_litert(model, tmp_path / "l", pp.PreprocessSpec(stored_size=64),
+        litert.export_litert(model, tmp_path / "l", PreprocessSpec(stored_size=64),
                              variants=["int8"])
     assert not (tmp_path / "l").exists()
 
 
 def test_litert_refuses_wrong_input(litert_files, tmp_path):
     _, paths, _ = litert_files
-    edge = litert.LiteRTModel(paths["float32"])
+    edge = LiteRTModel(paths["float32"])
     with pytest.raises(ValueError, match="uint8"):
         edge.predict(np.zeros((1, 32, 32, 1), np.uint8))
     (tmp_path / "x.tflite").write_bytes(b"not a flatbuffer")
     with pytest.raises(UserError, match="not a LiteRT flatbuffer"):
-        litert.LiteRTModel(tmp_path / "x.tflite")
+        LiteRTModel(tmp_path / "x.tflite")
 
 
 def test_predict_runs_a_tflite_file(litert_files, tmp_path):
@@ -137,8 +141,8 @@ def test_predict_runs_a_tflite_file(litert_files, tmp_path):
     out = predict(PredictConfig(model=str(paths["float32"]), input=str(tmp_path),
                                 output=str(tmp_path / "p.csv"), threshold=0.25))
     rows = {r["path"].split("/")[-1]: r for r in csv.DictReader(open(out))}
-    stored = pp.decode_stored(image.read_bytes(), pp.PreprocessSpec(stored_size=64))
-    want = float(model.predict(pp.to_model_input(stored[None, ..., None], 40), verbose=0)[0, 0])
+    stored = decode_stored(image.read_bytes(), PreprocessSpec(stored_size=64))
+    want = float(model.predict(to_model_input(stored[None, ..., None], 40), verbose=0)[0, 0])
     assert float(rows["x.png"]["probability"]) == pytest.approx(want, abs=1e-5)
     assert float(rows["x.png"]["threshold"]) == 0.25
     assert rows["bad.jpeg"]["error"] and rows["bad.jpeg"]["probability"] == ""

@@ -23,7 +23,7 @@ ROOT = Path(__file__).parents[1]
 TWO_REPLICAS = """
 import json, os, sys
 os.environ["PNEUMO_CPU_DEVICES"] = "2"
-from pneumo_models import distribute
+from pneumo_models import cluster, distribute
 strategy = distribute.make_strategy("mirrored")  # two logical CPU devices
 import keras
 import numpy as np
@@ -99,10 +99,10 @@ result["initial_scale"] = float(model.optimizer.initial_scale)
 loop.fit(stream(np.nan_to_num(x2, nan=0.5), y2), batch_size=4, steps_per_epoch=1, epochs=1)
 result["moved"] = any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
 result["finite"] = bool(all(np.isfinite(w).all() for w in model.get_weights()))
-result["divergence"] = distribute.replica_divergence(strategy, model.weights)
+result["divergence"] = cluster.replica_divergence(strategy, model.weights)
 kernel = model.weights[0]
 kernel.value.values[1].assign(kernel.value.values[1] + 0.25)  # one replica's copy only
-result["divergence_after_poke"] = distribute.replica_divergence(strategy, model.weights)
+result["divergence_after_poke"] = cluster.replica_divergence(strategy, model.weights)
 
 # 3. Device augmentation draws its own transforms on each replica.
 from pneumo_data.augment import RandomAffine

@@ -57,15 +57,16 @@ def test_train_on_a_broken_manifest_is_one_line(good, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_preprocess_settings_are_recorded_and_optional(good, tmp_path):
+def test_preprocess_settings_are_recorded_and_required(good, tmp_path):
     from pneumo_data.preprocess import VERSION, PreprocessSpec
     assert good["preprocess"] == {"version": VERSION, "stored_size": 64, "resize": "stretch",
                                   "fast_jpeg": True, "max_pixels": good["options"]["max_pixels"]}
     spec = manifest.load_manifest(write(tmp_path, good)).preprocess
     assert spec == PreprocessSpec(64, "stretch", True, good["options"]["max_pixels"])
     old = json.loads(json.dumps(good))
-    del old["preprocess"]  # a manifest written before the key existed still loads
-    assert manifest.load_manifest(write(tmp_path, old)).preprocess == spec
+    del old["preprocess"]
+    with pytest.raises(manifest.ManifestError, match="'preprocess' is missing"):
+        manifest.load_manifest(write(tmp_path, old))
     for change, match in (({"resize": "crop"}, "resize"), ({"version": 99}, "version 99"),
                           ({"stored_size": 32}, "is not image.size")):
         bad = json.loads(json.dumps(good))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pneumo_data import manifest, shards
+from pneumo_data import manifest, records_tf
 from pneumo_data.prepare import PrepareConfig, PrepareError, prepare
 from pneumo_data.split import LeakageError
 from pneumo_data.tfds.metadata import METADATA_FILES
@@ -30,7 +30,7 @@ def records(data_dir, split, label):
     for path in m.shard_paths(split, label):
         for raw in tf.data.TFRecordDataset(path):
             rows.append({k: v.numpy() for k, v in
-                         shards.parse_example(raw, m.encoding, m.image_size).items()})
+                         records_tf.parse(raw, m.encoding, m.image_size).items()})
     return rows
 
 
@@ -172,12 +172,12 @@ def test_killed_run_leaves_no_manifest_and_rerun_recovers(tmp_path):
     # A child that is killed in the middle of writing shards.
     code = (
         "import sys, os, signal\n"
-        "from pneumo_data import shards\n"
-        "original = shards.ShardWriter.close\n"
+        "from pneumo_data import records_tf\n"
+        "original = records_tf.ShardWriter.close\n"
         "def close(self):\n"
         "    entry = original(self)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "shards.ShardWriter.close = close\n"
+        "records_tf.ShardWriter.close = close\n"
         "from pneumo_data.prepare import PrepareConfig, prepare\n"
         f"prepare(PrepareConfig(source_dir={str(src)!r}, output_dir={str(out)!r}, "
         "image_size=32, progress=False))\n")
@@ -343,9 +343,9 @@ def test_record_bytes_do_not_depend_on_the_process():
     # Protobuf map order follows a per-process hash seed unless serialized
     # deterministically; shards written by different processes (two runs, or
     # threads vs Beam workers) must still be byte-identical.
-    code = ("import hashlib; from pneumo_data.shards import make_example; "
-            "print(hashlib.sha256(make_example(b'\\x01' * 64, 1, 'viral', 'p1', 'a/b.png', "
-            "'ab' * 32)).hexdigest())")
+    code = ("import hashlib; from pneumo_data.records_tf import serialize; "
+            "print(hashlib.sha256(serialize(dict(image=b'\\x01' * 64, label=1, subtype='viral', "
+            "patient_id='p1', source_path='a/b.png', source_sha256='ab' * 32))).hexdigest())")
     root = Path(__file__).resolve().parents[1]
     digests = {subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
                               text=True, check=True).stdout.strip() for _ in range(3)}

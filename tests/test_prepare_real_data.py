@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from pneumo_data import shards
+from pneumo_data import records_tf
 from pneumo_data.prepare import PrepareConfig, prepare
 
 pytestmark = pytest.mark.shared_data
@@ -61,7 +61,7 @@ def test_shard_pixels_match_the_resized_source(prepared_224):
         for label in m.classes:
             path = m.shard_paths(split_name, label)[0]
             for raw in tf.data.TFRecordDataset(path).take(8):
-                rec = shards.parse_example(raw, m.encoding, m.image_size)
+                rec = records_tf.parse(raw, m.encoding, m.image_size)
                 source = src / rec["source_path"].numpy().decode()
                 expected = np.asarray(Image.open(source).convert("L").resize(
                     (m.image_size, m.image_size), Image.Resampling.BILINEAR))

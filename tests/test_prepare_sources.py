@@ -1,5 +1,5 @@
 """prepare end to end on each preset's look-alike: every row and file accounted for, labels,
-patients, views and splits in the manifest, DICOM decoded through pneumo_data.dicom."""
+patients, views and splits in the manifest, DICOM decoded through pneumo_data.preprocess.dicom."""
 
 from __future__ import annotations
 
@@ -14,10 +14,14 @@ import tensorflow as tf
 
 pytest.importorskip("pydicom")
 
-from pneumo_data import dicom, manifest, shards  # noqa: E402
+from pneumo_data import manifest, records_tf  # noqa: E402
 from pneumo_data.common.config import with_leaves  # noqa: E402
 from pneumo_data.common.errors import UserError  # noqa: E402
 from pneumo_data.prepare import PrepareConfig, PrepareError, prepare  # noqa: E402
+from pneumo_data.preprocess import (
+    PreprocessSpec,  # noqa: E402
+    dicom,  # noqa: E402
+)
 from pneumo_data.sources import SourceOptionError  # noqa: E402
 from pneumo_data.split import LeakageError  # noqa: E402
 from tests import source_layouts as layouts  # noqa: E402
@@ -60,7 +64,7 @@ def records(m, split, label):
     for path in m.shard_paths(split, label):
         for raw in tf.data.TFRecordDataset(path):
             rows.append({k: v.numpy() for k, v in
-                         shards.parse_example(raw, m.encoding, m.image_size).items()})
+                         records_tf.parse(raw, m.encoding, m.image_size).items()})
     return rows
 
 
@@ -96,7 +100,7 @@ def test_rsna_end_to_end(tmp_path):
     # The stored pixels are dicom.decode_dicom's.
     rec = records(m, "train", "pneumonia")[0]
     path = tmp_path / "src" / rec["source_path"].decode()
-    expected_pixels, _ = dicom.decode_dicom(path.read_bytes(), 32)
+    expected_pixels, _ = dicom.decode_dicom(path.read_bytes(), PreprocessSpec(32))
     np.testing.assert_array_equal(rec["image"][..., 0], expected_pixels)
 
 

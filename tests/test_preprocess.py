@@ -10,8 +10,15 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageOps
 
-from pneumo_data import preprocess as pp
 from pneumo_data.common.errors import UserError
+from pneumo_data.preprocess import decode
+from pneumo_data.preprocess.exif import ORIENTATION_TAG, exif_orientation, orient
+from pneumo_data.preprocess.exif_tf import exif_orientation_tf
+from pneumo_data.preprocess.model_input import to_model_input_np
+from pneumo_data.preprocess.model_input_tf import to_model_input
+from pneumo_data.preprocess.spec import VERSION, DecodeError, PreprocessSpec, draft_scale
+from pneumo_data.preprocess.stored import decode_stored, luma, pil_bilinear_resize
+from pneumo_data.preprocess.stored_tf import decode_stored_tf, luma_tf, pil_bilinear_resize_tf
 
 
 def encode(image: Image.Image, fmt: str, **kw) -> bytes:
@@ -32,22 +39,22 @@ def xray_like(width: int, height: int, seed: int = 0) -> np.ndarray:
 
 _DECODE_TF = {}
 # Few distinct specs: each one traces the TF decoder anew (a few seconds).
-S64 = pp.PreprocessSpec(stored_size=64)
-S64_PAD = pp.PreprocessSpec(stored_size=64, resize="pad")
-S96_FULL = pp.PreprocessSpec(stored_size=96, fast_jpeg=False)
+S64 = PreprocessSpec(stored_size=64)
+S64_PAD = PreprocessSpec(stored_size=64, resize="pad")
+S96_FULL = PreprocessSpec(stored_size=96, fast_jpeg=False)
 
 
-def decode_tf(data: bytes, spec: pp.PreprocessSpec) -> np.ndarray:
+def decode_tf(data: bytes, spec: PreprocessSpec) -> np.ndarray:
     fn = _DECODE_TF.get(spec)
     if fn is None:
-        fn = tf.function(lambda d: pp.decode_stored_tf(d, spec),
+        fn = tf.function(lambda d: decode_stored_tf(d, spec),
                          input_signature=[tf.TensorSpec([], tf.string)])
         _DECODE_TF[spec] = fn
     return fn(tf.constant(data)).numpy()[..., 0]
 
 
-def assert_parity(data: bytes, spec: pp.PreprocessSpec) -> np.ndarray:
-    want = pp.decode_stored(data, spec)
+def assert_parity(data: bytes, spec: PreprocessSpec) -> np.ndarray:
+    want = decode_stored(data, spec)
     got = decode_tf(data, spec)
     assert want.shape == got.shape == (spec.stored_size, spec.stored_size)
     assert want.dtype == got.dtype == np.uint8
@@ -65,8 +72,8 @@ def test_tf_resize_is_pillow_bilinear_bit_for_bit(seed):
         h, w = (int(v) for v in rng.integers(1, 600, 2))
         oh, ow = (int(v) for v in rng.integers(1, 400, 2))
         image = rng.integers(0, 256, (h, w)).astype(np.uint8)
-        want = pp.pil_bilinear_resize(image, oh, ow)
-        got = pp.pil_bilinear_resize_tf(image, oh, ow).numpy()
+        want = pil_bilinear_resize(image, oh, ow)
+        got = pil_bilinear_resize_tf(image, oh, ow).numpy()
         np.testing.assert_array_equal(got, want, err_msg=f"{h}x{w} -> {oh}x{ow}")
 
 
@@ -74,13 +81,13 @@ def test_one_axis_resizes_are_pillows_own():
     image = np.random.default_rng(0).integers(0, 256, (50, 70)).astype(np.uint8)
     for oh, ow in [(50, 13), (50, 300), (9, 70), (200, 70)]:
         want = np.asarray(Image.fromarray(image).resize((ow, oh), Image.Resampling.BILINEAR))
-        np.testing.assert_array_equal(pp.pil_bilinear_resize(image, oh, ow), want)
+        np.testing.assert_array_equal(pil_bilinear_resize(image, oh, ow), want)
 
 
 def test_pillow_13_vertical_first_order_is_not_what_we_store():
     """Pillow 13 goes vertical-first when the height shrinks much more (#9549); we don't."""
     image = np.random.default_rng(1).integers(0, 256, (230, 60)).astype(np.uint8)
-    ours = pp.pil_bilinear_resize(image, 58, 312)
+    ours = pil_bilinear_resize(image, 58, 312)
     horizontal_first = np.asarray(
         Image.fromarray(image).resize((312, 230), Image.Resampling.BILINEAR)
         .resize((312, 58), Image.Resampling.BILINEAR))
@@ -90,8 +97,8 @@ def test_pillow_13_vertical_first_order_is_not_what_we_store():
 def test_luma_is_pillows_convert_l():
     rgb = np.random.default_rng(0).integers(0, 256, (64, 64, 3)).astype(np.uint8)
     want = np.asarray(Image.fromarray(rgb, "RGB").convert("L"))
-    np.testing.assert_array_equal(pp.luma(rgb), want)
-    np.testing.assert_array_equal(pp.luma_tf(rgb).numpy(), want)
+    np.testing.assert_array_equal(luma(rgb), want)
+    np.testing.assert_array_equal(luma_tf(rgb).numpy(), want)
 
 
 # ------------------------------------------------------------------ stage (a) parity
@@ -105,13 +112,13 @@ def test_jpeg_parity_at_several_sizes_and_draft_scales(size, mode):
         image = Image.merge("RGB", (image, image.point(lambda v: v * 0.9),
                                     image.point(lambda v: 255 - v)))
     data = encode(image, "JPEG", quality=90)
-    for spec in (pp.PreprocessSpec(), S64, S96_FULL):
+    for spec in (PreprocessSpec(), S64, S96_FULL):
         assert_parity(data, spec)
 
 
 def test_draft_scales_1_2_4_8_are_all_exercised():
     sides = (130, 260, 520, 1100)
-    assert [pp.draft_scale(w, w, 64) for w in sides] == [1, 2, 4, 8]
+    assert [draft_scale(w, w, 64) for w in sides] == [1, 2, 4, 8]
     for side in sides:
         data = encode(Image.fromarray(xray_like(side, side), "L"), "JPEG", quality=92)
         assert_parity(data, S64)
@@ -119,15 +126,15 @@ def test_draft_scales_1_2_4_8_are_all_exercised():
 
 def test_progressive_and_subsampled_jpegs():
     image = Image.fromarray(xray_like(640, 480), "L").convert("RGB")
-    assert_parity(encode(image, "JPEG", progressive=True, quality=85), pp.PreprocessSpec())
-    assert_parity(encode(image, "JPEG", subsampling=2, quality=75), pp.PreprocessSpec())
+    assert_parity(encode(image, "JPEG", progressive=True, quality=85), PreprocessSpec())
+    assert_parity(encode(image, "JPEG", subsampling=2, quality=75), PreprocessSpec())
 
 
 def test_cmyk_jpeg_parity():
     image = Image.fromarray(xray_like(300, 240), "L").convert("CMYK")
     data = encode(image, "JPEG", quality=95)
     out = assert_parity(data, S64)
-    reference = pp.decode_stored(encode(image.convert("RGB"), "PNG"), S64)
+    reference = decode_stored(encode(image.convert("RGB"), "PNG"), S64)
     assert np.abs(out.astype(int) - reference).mean() < 3
 
 
@@ -168,17 +175,17 @@ def test_16_bit_png_keeps_the_high_byte():
 def test_exif_orientation_parity_and_pillow_semantics(orientation, fmt):
     pixels = xray_like(120, 80, seed=orientation)
     exif = Image.Exif()
-    exif[pp.ORIENTATION_TAG] = orientation
+    exif[ORIENTATION_TAG] = orientation
     exif[0x010F] = "pneumo test"  # another tag before it in the IFD
     data = encode(Image.fromarray(pixels, "L"), fmt, exif=exif.tobytes(),
                   **({"quality": 95} if fmt == "JPEG" else {}))
-    assert pp.exif_orientation(data) == orientation
-    assert int(pp.exif_orientation_tf(tf.constant(data))) == orientation
+    assert exif_orientation(data) == orientation
+    assert int(exif_orientation_tf(tf.constant(data))) == orientation
     # Pillow's own transpose of the decoded file is what the spec means.
     opened = Image.open(io.BytesIO(data))
-    assert opened.getexif().get(pp.ORIENTATION_TAG) == orientation
+    assert opened.getexif().get(ORIENTATION_TAG) == orientation
     want = np.asarray(ImageOps.exif_transpose(opened).convert("L"))
-    np.testing.assert_array_equal(pp.orient(np.asarray(opened.convert("L")), orientation), want)
+    np.testing.assert_array_equal(orient(np.asarray(opened.convert("L")), orientation), want)
     out = assert_parity(data, S64_PAD)
     # Orientations 5-8 turn the landscape image portrait: padding moves to the sides.
     if orientation >= 5:
@@ -190,23 +197,23 @@ def test_exif_orientation_parity_and_pillow_semantics(orientation, fmt):
 def test_exif_in_a_second_app_segment_and_jfif_first():
     pixels = xray_like(90, 60)
     exif = Image.Exif()
-    exif[pp.ORIENTATION_TAG] = 6
+    exif[ORIENTATION_TAG] = 6
     data = encode(Image.fromarray(pixels, "L"), "JPEG", exif=exif.tobytes(), quality=95)
     # Put a COM segment between SOI and the EXIF APP1.
     comment = b"\xff\xfe" + (2 + 11).to_bytes(2, "big") + b"hello world"
     data = data[:2] + comment + data[2:]
-    assert pp.exif_orientation(data) == 6
-    assert int(pp.exif_orientation_tf(tf.constant(data))) == 6
+    assert exif_orientation(data) == 6
+    assert int(exif_orientation_tf(tf.constant(data))) == 6
     assert_parity(data, S64)
 
 
 def test_files_without_exif_or_with_broken_exif_are_upright():
     plain = encode(Image.fromarray(xray_like(50, 40), "L"), "PNG")
-    assert pp.exif_orientation(plain) == 1
-    assert int(pp.exif_orientation_tf(tf.constant(plain))) == 1
+    assert exif_orientation(plain) == 1
+    assert int(exif_orientation_tf(tf.constant(plain))) == 1
     broken = b"\xff\xd8\xff\xe1\x00\x10Exif\x00\x00XX\x00\x00"
-    assert pp.exif_orientation(broken) == 1
-    assert int(pp.exif_orientation_tf(tf.constant(broken))) == 1
+    assert exif_orientation(broken) == 1
+    assert int(exif_orientation_tf(tf.constant(broken))) == 1
 
 
 @pytest.mark.parametrize("size", [(300, 120), (120, 300), (256, 256), (3, 500)])
@@ -227,46 +234,44 @@ def test_tf_path_refuses_what_it_cannot_decode():
     with pytest.raises(tf.errors.InvalidArgumentError, match="empty"):
         decode_tf(b"", spec)
     big = encode(Image.fromarray(xray_like(200, 200), "L"), "PNG")
-    small_limit = pp.PreprocessSpec(stored_size=64, max_pixels=1000)
+    small_limit = PreprocessSpec(stored_size=64, max_pixels=1000)
     with pytest.raises(tf.errors.InvalidArgumentError, match="too large"):
         decode_tf(big, small_limit)
-    with pytest.raises(pp.DecodeError, match="too large"):
-        pp.decode_stored(big, small_limit)
+    with pytest.raises(DecodeError, match="too large"):
+        decode_stored(big, small_limit)
     jpeg = encode(Image.fromarray(xray_like(200, 200), "L"), "JPEG")
     with pytest.raises(tf.errors.InvalidArgumentError, match="too large"):
         decode_tf(jpeg, small_limit)
     # Pillow reads BMP; only the TF path refuses it.
-    assert pp.decode_stored(bmp, spec).shape == (64, 64)
+    assert decode_stored(bmp, spec).shape == (64, 64)
 
 
-def test_spec_from_manifest_and_validation():
-    # A manifest written before the "preprocess" key existed: derived from image + options.
-    old = {"image": {"size": 128, "resize": "pad"},
-           "options": {"fast_jpeg": False, "max_pixels": 1000}}
-    spec = pp.PreprocessSpec(128, "pad", False, 1000)
-    assert pp.PreprocessSpec.from_manifest(old) == spec
-    new = {**old, "preprocess": spec.to_dict()}
-    assert new["preprocess"]["version"] == pp.VERSION
-    assert pp.PreprocessSpec.from_manifest(new) == spec
-    assert pp.PreprocessSpec.from_dict(spec.to_dict()) == spec
+def test_spec_round_trip_and_validation():
+    spec = PreprocessSpec(128, "pad", False, 1000)
+    assert spec.to_dict()["version"] == VERSION
+    assert PreprocessSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(UserError, match="resize"):
-        pp.PreprocessSpec(resize="crop")
+        PreprocessSpec(resize="crop")
     with pytest.raises(UserError, match="stored image size"):
-        pp.PreprocessSpec(stored_size=4)
+        PreprocessSpec(stored_size=4)
     with pytest.raises(UserError, match="version 2"):
-        pp.PreprocessSpec.from_dict({**spec.to_dict(), "version": 2})
+        PreprocessSpec.from_dict({**spec.to_dict(), "version": 2})
     with pytest.raises(UserError, match="unknown"):
-        pp.PreprocessSpec.from_dict({**spec.to_dict(), "gamma": 1.0})
+        PreprocessSpec.from_dict({**spec.to_dict(), "gamma": 1.0})
 
 
-def test_decode_shim_is_stage_a():
-    """Ingest's decode_to_gray is decode_stored with the same settings, errors included."""
-    from pneumo_data.decode import DecodeError, decode_to_gray
-
+def test_the_decode_entry_point_is_stage_a(tmp_path):
+    """preprocess.decode (bytes or a path) is the Pillow stage (a) for images, errors included."""
     data = encode(Image.fromarray(xray_like(300, 200), "L"), "JPEG", quality=90)
-    np.testing.assert_array_equal(decode_to_gray(data, 64, "pad", fast_jpeg=False),
-                                  pp.decode_stored(data, pp.PreprocessSpec(64, "pad", False)))
-    assert DecodeError is pp.DecodeError and issubclass(DecodeError, UserError)
+    spec = PreprocessSpec(64, "pad", False)
+    (tmp_path / "x.jpeg").write_bytes(data)
+    for source in (data, tmp_path / "x.jpeg", str(tmp_path / "x.jpeg")):
+        decoded = decode(source, spec)
+        np.testing.assert_array_equal(decoded.pixels, decode_stored(data, spec))
+        assert decoded.dicom is None
+    assert issubclass(DecodeError, UserError)
+    with pytest.raises(DecodeError, match="empty"):
+        decode(b"", spec)
 
 
 # ------------------------------------------------------------------ stage (b)
@@ -276,8 +281,8 @@ def test_decode_shim_is_stage_a():
 def test_stage_b_tf_equals_numpy_and_stays_near_tf_resize(stored, model):
     images = np.random.default_rng(stored + model).integers(0, 256, (3, stored, stored, 1))
     images = images.astype(np.uint8)
-    got = pp.to_model_input(images, model).numpy()
-    np.testing.assert_array_equal(got, pp.to_model_input_np(images, model))
+    got = to_model_input(images, model).numpy()
+    np.testing.assert_array_equal(got, to_model_input_np(images, model))
     assert got.shape == (3, model, model, 1) and got.dtype == np.uint8
     # The pipeline's old float resize + round: the same up to float ties.
     method = "area" if model < stored else "bilinear"
@@ -317,7 +322,7 @@ def test_stage_b_is_the_exact_rational_average(stored, model):
             value = sum(weights[i][a] * weights[j][b] * int(image[a, b])
                         for a in range(stored) for b in range(stored))
             want[i, j] = round(value)  # Fraction rounds half to even
-    got = pp.to_model_input(image.astype(np.uint8)[None, ..., None], model).numpy()[0, ..., 0]
+    got = to_model_input(image.astype(np.uint8)[None, ..., None], model).numpy()[0, ..., 0]
     np.testing.assert_array_equal(got, want)
 
 
@@ -327,20 +332,20 @@ def test_stage_b_rounds_ties_to_even():
     image[0, :2, 2:, 0] = [[1, 1], [1, 2]]  # 1.25 -> 1
     image[0, 2:, :2, 0] = [[1, 2], [1, 2]]  # 1.5 -> 2 (even)
     image[0, 2:, 2:, 0] = [[2, 3], [2, 3]]  # 2.5 -> 2 (even)
-    out = pp.to_model_input(image, 2).numpy()[0, ..., 0]
+    out = to_model_input(image, 2).numpy()[0, ..., 0]
     np.testing.assert_array_equal(out, [[2, 1], [2, 2]])
 
 
 def test_stage_b_works_per_image_and_in_tf_data():
     images = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 1)).astype(np.uint8)
-    batch = pp.to_model_input(images, 40).numpy()
-    ds = tf.data.Dataset.from_tensor_slices(images).map(lambda x: pp.to_model_input(x, 40))
+    batch = to_model_input(images, 40).numpy()
+    ds = tf.data.Dataset.from_tensor_slices(images).map(lambda x: to_model_input(x, 40))
     np.testing.assert_array_equal(np.stack(list(ds.as_numpy_iterator())), batch)
 
 
 def test_stage_b_refuses_dynamic_or_non_square_input():
     with pytest.raises(ValueError, match="square"):
-        pp.to_model_input(np.zeros((2, 10, 12, 1), np.uint8), 5)
+        to_model_input(np.zeros((2, 10, 12, 1), np.uint8), 5)
 
 
 # ------------------------------------------------------------------ real X-rays
@@ -359,28 +364,28 @@ def test_real_xrays_pixels_and_probabilities_match(shared_data):
     from pneumo_models.models import build_model
 
     files = _real_files(shared_data)
-    spec = pp.PreprocessSpec()
+    spec = PreprocessSpec()
     data = [path.read_bytes() for path in files]
-    pillow = np.stack([pp.decode_stored(d, spec) for d in data])[..., None]
+    pillow = np.stack([decode_stored(d, spec) for d in data])[..., None]
     graph = np.stack(list(tf.data.Dataset.from_tensor_slices(data).map(
-        lambda d: pp.decode_stored_tf(d, spec), num_parallel_calls=tf.data.AUTOTUNE,
+        lambda d: decode_stored_tf(d, spec), num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True).as_numpy_iterator()))
     differing = (pillow != graph).any(axis=(1, 2, 3))
     assert not differing.any(), [str(files[i]) for i in np.flatnonzero(differing)[:5]]
     model = build_model("manual_cnn", image_size=150, weights="none", seed=0)
-    p1 = model.predict(pp.to_model_input(pillow, 150), verbose=0, batch_size=64)
-    p2 = model.predict(pp.to_model_input(graph, 150), verbose=0, batch_size=64)
+    p1 = model.predict(to_model_input(pillow, 150), verbose=0, batch_size=64)
+    p2 = model.predict(to_model_input(graph, 150), verbose=0, batch_size=64)
     assert np.abs(p1 - p2).max() <= 1e-3
 
 
 @pytest.mark.shared_data
 def test_real_xray_rotated_and_16_bit_versions(shared_data):
     files = _real_files(shared_data)[:6]
-    spec = pp.PreprocessSpec()
+    spec = PreprocessSpec()
     for k, path in enumerate(files):
-        gray = pp.decode_stored(path.read_bytes(), pp.PreprocessSpec(stored_size=512))
+        gray = decode_stored(path.read_bytes(), PreprocessSpec(stored_size=512))
         exif = Image.Exif()
-        exif[pp.ORIENTATION_TAG] = 2 + k % 7
+        exif[ORIENTATION_TAG] = 2 + k % 7
         rotated = encode(Image.fromarray(gray, "L"), "JPEG", exif=exif.tobytes(), quality=93)
         assert_parity(rotated, spec)
         wide = encode(Image.fromarray(gray.astype(np.uint16) * 257), "PNG")

@@ -10,7 +10,8 @@ from pneumo_data.sources.presets import PresetError
 from tests.conftest import make_kaggle_tree, write_image
 
 pytest.importorskip("pydicom")
-from pneumo_data.dicom import decode_dicom  # noqa: E402
+from pneumo_data.preprocess import PreprocessSpec  # noqa: E402
+from pneumo_data.preprocess.dicom import decode_dicom  # noqa: E402
 from tests.dicom_files import gradient, jpeg_baseline_dataset, write  # noqa: E402
 
 
@@ -72,7 +73,7 @@ def test_rsna_merges_box_rows_and_reads_patient_and_view(rsna):
     assert files["rsna-pneumonia-detection-challenge/stage_2_detailed_class_info.csv"] == \
         "ignored"
     # The files are JPEG-baseline DICOMs: they decode, and their tags agree with the CSV.
-    pixels, info = decode_dicom(found.files[1].path.read_bytes(), 32)
+    pixels, info = decode_dicom(found.files[1].path.read_bytes(), PreprocessSpec(32))
     assert pixels.shape == (32, 32) and info.patient_id == found.files[1].patient_id
     assert info.modality == "CR" and info.decoder == "pillow"
 

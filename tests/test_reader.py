@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import pneumo_data
-from pneumo_data import manifest, pipeline
+from pneumo_data import manifest, reader
 
 
 def take(ds, n):
@@ -144,7 +144,7 @@ def test_damaged_shard_is_named(prepared, tmp_path):
 
 
 def test_parse_class_weights_normalizes():
-    assert pipeline.parse_class_weights("normal=1,pneumonia=3", ("normal", "pneumonia")) == [
+    assert reader.parse_class_weights("normal=1,pneumonia=3", ("normal", "pneumonia")) == [
         0.25, 0.75]
     with pytest.raises(ValueError, match="expected"):
-        pipeline.parse_class_weights("normal", ("normal", "pneumonia"))
+        reader.parse_class_weights("normal", ("normal", "pneumonia"))

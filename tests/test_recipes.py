@@ -9,7 +9,7 @@ from pneumo_data.common.config import config_from_flags, define_flags
 from pneumo_data.common.errors import UserError
 from pneumo_data.config import AugmentConfig
 from pneumo_models import recipes
-from pneumo_models.train import TrainConfig
+from pneumo_models.train import TrainConfig, train_config
 
 
 def parse(*argv):
@@ -20,7 +20,7 @@ def parse(*argv):
 
 
 def test_default_recipe_is_the_config_defaults():
-    assert parse() == TrainConfig() == recipes.train_config()
+    assert parse() == TrainConfig() == train_config()
     c = TrainConfig()
     assert c.network.model == "bn_cnn" and c.optimizer.optimizer == "adamw"
     assert c.ship == "last" and c.epochs == 12 and c.early_stopping_patience == 0
@@ -35,7 +35,7 @@ def test_seed_recipe_is_the_seed_exactly():
             o.label_smoothing) == ("adam", 1e-3, 0.0, "constant", 0.0, 0.0)
     assert (c.epochs, c.early_stopping_patience, c.ship, c.time_budget_minutes) == \
         (10, 3, "best", 0.0)
-    assert c == recipes.train_config("seed")
+    assert c == train_config("seed")
 
 
 def test_explicit_options_win_and_the_network_picks_its_recipe_values():
@@ -47,12 +47,12 @@ def test_explicit_options_win_and_the_network_picks_its_recipe_values():
     assert m.optimizer.optimizer == "adamw" and m.ship == "last"
     assert parse("--model=manual_cnn", "--learning_rate=5e-3").optimizer.learning_rate == 5e-3
     # the same in Python
-    assert recipes.train_config(model="manual_cnn") == m
+    assert train_config(model="manual_cnn") == m
 
 
 def test_unknown_recipe_is_a_clear_error():
     with pytest.raises(UserError, match="unknown recipe"):
-        recipes.recipe_values("fast")
+        recipes.recipe_values("fast", {})
     with pytest.raises(flags.IllegalFlagValueError):
         parse("--recipe=fast")
 

@@ -16,6 +16,7 @@ from pneumo_eval import robustness as rb
 from pneumo_eval import shifts
 from pneumo_eval.metrics import binary_metrics
 from pneumo_eval.thresholds import choose_threshold
+from pneumo_models.rundir import RunDir
 from tests.conftest import copy_model_dir
 
 ROOT = Path(__file__).parents[1]
@@ -29,13 +30,13 @@ def model_dir(trained_model_dir, tmp_path_factory):
 def _scored(model_dir, split, size=32):
     from pneumo_models.models import load_model, predictor
     model = load_model(model_dir / "model.keras")
-    images, labels, _ = rb._load_split(_data_dir(model_dir), split, size, 64)
+    from pneumo_data.reader import eval_dataset
+    images, labels, _ = rb._load_split(eval_dataset, _data_dir(model_dir), split, size, 64)
     return predictor(model), images, labels
 
 
 def _data_dir(model_dir):
-    from pneumo_models.train import run_data_dir
-    return run_data_dir(model_dir, json.loads((model_dir / "run.json").read_text()))
+    return RunDir(model_dir).data_dir()
 
 
 def test_report_is_what_the_shifted_predictions_say(model_dir):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import pneumo_data
 from pneumo_data.service import ServiceConfig, ServiceError, service_address
 from tests.conftest import free_port
 
@@ -227,11 +228,9 @@ def test_mode_off_with_a_seed_sends_every_element_from_both_workers(cluster, ser
 
 
 def test_evaluation_through_the_service_yields_every_example_once(cluster, service_data):
-    from pneumo_data import service
-
     expected = fingerprints(service_data, "val")
-    seen = [v for x, _ in service.eval_dataset(service_data, "val", cluster, batch_size=4,
-                                               image_size=32)
+    seen = [v for x, _ in pneumo_data.eval_dataset(service_data, "val", batch_size=4,
+                                                   image_size=32, service=cluster)
             for v in _fingerprint(x.numpy())]
     assert sorted(seen) == sorted(expected)
 
@@ -240,8 +239,6 @@ def test_evaluation_through_the_service_yields_every_example_once(cluster, servi
 
 def test_a_killed_dispatcher_restarts_from_its_journal_and_the_job_goes_on(service_data,
                                                                           tmp_path):
-    from pneumo_data import service
-
     port, work_dir = free_port(), tmp_path / "journal"
     dispatcher = Server("--role=dispatcher", f"--port={port}", f"--work_dir={work_dir}")
     worker = Server("--role=worker", f"--dispatcher_address=localhost:{port}")
@@ -249,9 +246,9 @@ def test_a_killed_dispatcher_restarts_from_its_journal_and_the_job_goes_on(servi
     try:
         dispatcher.wait_ready()
         worker.wait_ready()
-        iterator = iter(service.train_dataset(service_data, dispatcher.address, batch_size=8,
-                                              image_size=32, seed=0, augment="none",
-                                              job_name="survives"))
+        iterator = iter(pneumo_data.train_dataset(
+            service_data, batch_size=8, image_size=32, seed=0, augment="none",
+            service=dispatcher.address, job_name="survives"))
         for _ in range(3):
             next(iterator)
         dispatcher.stop(signal.SIGKILL)

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from pneumo_data import manifest, shards
+from pneumo_data import manifest, records_tf
 from pneumo_data.common.outputs import LEDGER_NAME, OutputDir, OutputError
 from pneumo_data.prepare import PrepareConfig, prepare
 from pneumo_data.tfds import metadata
@@ -27,7 +27,7 @@ def _records(m, split, label):
     result = {}
     for path in m.shard_paths(split, label):
         for raw in tf.data.TFRecordDataset(path):
-            ex = shards.parse_example(raw, m.encoding, m.image_size)
+            ex = records_tf.parse(raw, m.encoding, m.image_size)
             result[ex["source_path"].numpy().decode()] = (int(ex["label"]), ex["image"].numpy())
     return result
 

@@ -129,7 +129,7 @@ def test_data_dir_without_manifest(tmp_path):
 def test_nan_loss_stops_with_a_clear_message(prepared, tmp_path, monkeypatch):
     import keras
 
-    import pneumo_models.train as t
+    import pneumo_models.training as t
 
     def nan_loss(y, p):  # one value per example, as the training loop needs
         return keras.ops.mean(y * np.nan + p, axis=-1)
@@ -328,7 +328,7 @@ def test_a_phase_that_stopped_early_is_not_trained_again_after_a_kill(prepared, 
         "def stop(self, epoch, logs=None):\n"
         "    self.model.stop_training = True\n"
         "keras.callbacks.EarlyStopping.on_epoch_end = stop\n"
-        "import pneumo_models.export as e\n"
+        "import pneumo_models.training as e\n"
         "def killer(*args, **kwargs):\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "e.export_into_model_dir = killer\n"))

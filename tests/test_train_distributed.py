@@ -135,7 +135,7 @@ run_job("train", TrainConfig, train)
 
 
 def test_two_workers_die_resume_complete_and_refuse_together(prepared_many_shards, tmp_path):
-    from pneumo_models.distribute import scratch_dir
+    from pneumo_models.tf_config import scratch_dir
     try:
         _two_workers(prepared_many_shards, tmp_path)
     finally:  # a failed check leaves no killed worker's scratch folder behind
