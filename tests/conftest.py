@@ -1,15 +1,26 @@
-"""Shared fixtures: small generated image folders, and the real data when present."""
+"""Shared fixtures (small generated image folders, a tiny trained run, the real data when
+present) and the test tiers.
+
+Tiers: ``python -m pytest -m "not slow"`` is the inner loop (at most about two minutes on two
+cores); the whole suite is CI's. A test that trains, starts a subprocess or a server is slow:
+tests that use such a fixture (:data:`TRAINING_FIXTURES`) are marked slow here, the
+others carry ``@pytest.mark.slow`` themselves, and a test of the fast tier that starts a Python
+process fails with a message saying so. Shared helpers live in ``tests/helpers.py``.
+"""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np
 import pytest
-from PIL import Image
+
+# Fixtures that train a model or start servers: every test using one is in the slow tier.
+TRAINING_FIXTURES = frozenset({"trained_model_dir", "model_dirs", "trained", "cluster"})
 
 # The real X-rays sit beside the checkout (../shared/data); PNEUMO_SHARED_DATA points
 # elsewhere (a git worktree, a CI cache).
@@ -17,28 +28,29 @@ SHARED_DATA = Path(os.environ.get("PNEUMO_SHARED_DATA",
                                   Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
-def write_image(path: Path, value: int = 128, size=(40, 32), mode="L", fmt=None, seed=0):
-    """A small random-ish image around ``value``; returns its path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    pixels = np.clip(rng.normal(value, 20, size[::-1]), 0, 255).astype(np.uint8)
-    image = Image.fromarray(pixels, "L")
-    if mode != "L":
-        image = image.convert(mode)
-    image.save(path, fmt)
-    return path
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())) \
+                or item.get_closest_marker("beam"):  # Beam starts worker processes
+            item.add_marker(pytest.mark.slow)
 
 
-def make_kaggle_tree(root: Path, layout: dict[str, dict[str, list[str]]], seed=0) -> Path:
-    """Writes ``{split: {CLASS: [file names]}}`` as distinct small JPEG/PNG images."""
-    k = seed
-    for split, classes in layout.items():
-        for cls, names in classes.items():
-            for name in names:
-                k += 1
-                value = 70 if cls.lower() == "normal" else 180
-                write_image(root / split / cls / name, value=value, seed=k)
-    return root
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_process(request, monkeypatch):
+    """In the fast tier, starting a Python process (a job, a snippet, a server) is an error
+    that names the test to mark slow."""
+    if request.node.get_closest_marker("slow"):
+        return
+    original = subprocess.Popen.__init__
+
+    def guarded(self, args, *rest, **kwargs):
+        first = args[0] if isinstance(args, (list, tuple)) and args else args
+        if str(first) == sys.executable:
+            pytest.fail(f"{request.node.nodeid} starts a Python process: mark it "
+                        f"@pytest.mark.slow (tests/conftest.py)", pytrace=False)
+        original(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
 
 
 @pytest.fixture(scope="session")
@@ -82,16 +94,6 @@ def trained_model_dir(prepared, tmp_path_factory) -> Path:
     return out
 
 
-def copy_model_dir(source: Path, tmp_path_factory) -> Path:
-    """A copy of a model_dir at the same depth under the test folder, so its run.json's
-    relative data_dir still points at the same prepared data."""
-    import shutil
-    target = tmp_path_factory.mktemp("copy") / source.name
-    shutil.copytree(source, target)
-    assert target.parent.parent == source.parent.parent
-    return target
-
-
 @pytest.fixture(scope="session")
 def prepared_many_shards(synthetic_source, tmp_path_factory) -> Path:
     """``synthetic_source`` at 32 px in shards of about 5 images: several files per class, as
@@ -101,11 +103,3 @@ def prepared_many_shards(synthetic_source, tmp_path_factory) -> Path:
     prepare(PrepareConfig(source_dir=str(synthetic_source), output_dir=str(out),
                           image_size=32, progress=False, shard_mb=0.005))
     return out
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (for servers started right after)."""
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        return sock.getsockname()[1]

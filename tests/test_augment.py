@@ -167,7 +167,7 @@ def test_seeded_layers_repeat_their_draws_and_state_is_saved(tmp_path):
 def test_visualize_writes_a_grid_and_never_replaces_a_users_file(tmp_path):
     from pneumo_data.common.errors import UserError
     from pneumo_data.visualize import VisualizeConfig, visualize
-    from tests.conftest import write_image
+    from tests.helpers import write_image
     image = write_image(tmp_path / "x.png", size=(64, 48))
     out = visualize(VisualizeConfig(image=str(image), output=str(tmp_path / "grid.png"),
                                     image_size=32))
@@ -301,6 +301,7 @@ def test_affine_draws_are_unchanged_by_the_intensity_columns():
                                   np.tile([1.0, 1.0, 0.0, 0.0, 0.0], (8, 1)))
 
 
+@pytest.mark.slow
 def test_fused_layer_with_intensity_compiles_with_xla_on_the_gather_backend():
     x = smooth_batch(8)
     layer = RandomAffine.from_params(AugmentConfig(blur_probability=1.0), backend="gather",

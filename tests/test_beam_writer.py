@@ -15,7 +15,7 @@ from pneumo_data import beam_writer, manifest
 from pneumo_data.common.errors import UserError
 from pneumo_data.common.outputs import LEDGER_NAME
 from pneumo_data.prepare import PrepareConfig, PrepareError, prepare
-from tests.conftest import make_kaggle_tree
+from tests.helpers import make_kaggle_tree
 
 NO_BEAM = "apache-beam is not installed (optional extra 'beam'; see setup.cfg)"
 TWO_PROCESSES = ("--runner=DirectRunner --direct_num_workers=2 "
@@ -68,6 +68,7 @@ def test_beam_options_need_the_beam_runner(tmp_path):
                               beam_pipeline_options="--direct_num_workers=2"))
 
 
+@pytest.mark.beam
 def test_beam_output_is_identical_to_the_threaded_prepare(tmp_path):
     pytest.importorskip("apache_beam", reason=NO_BEAM)
     src = _source(tmp_path)
@@ -100,6 +101,7 @@ def test_beam_output_is_identical_to_the_threaded_prepare(tmp_path):
     assert (tmp_path / "beam" / manifest.MANIFEST_NAME).stat().st_mtime_ns == stamp
 
 
+@pytest.mark.beam
 def test_a_failed_beam_run_leaves_no_manifest_and_the_next_run_recovers(tmp_path, monkeypatch):
     pytest.importorskip("apache_beam", reason=NO_BEAM)
     from pneumo_data import shard_writer
@@ -129,6 +131,7 @@ def test_a_failed_beam_run_leaves_no_manifest_and_the_next_run_recovers(tmp_path
     assert not [name for name in _visible(out) if "partial" in name]
 
 
+@pytest.mark.beam
 def test_pipeline_options_from_a_flag_string():
     pytest.importorskip("apache_beam", reason=NO_BEAM)
     from apache_beam.options.pipeline_options import DirectOptions, StandardOptions

@@ -4,21 +4,15 @@ They assert the structure of what is written, never a speed.
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parents[1]
+from tests.helpers import run_module
 
 
 def run(module, tmp_path, *args):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PNEUMO_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-m", module, f"--output_dir={tmp_path}",
-                           "--name=result", *args], cwd=ROOT, capture_output=True, text=True,
-                          env=env, timeout=900)
+    proc = run_module(module, f"--output_dir={tmp_path}", "--name=result", *args, timeout=900,
+                      env={"PNEUMO_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     payload = json.loads((tmp_path / "result.json").read_text())
     assert payload["environment"]["tensorflow"] and payload["environment"]["cores"] >= 1
@@ -31,6 +25,7 @@ def tiny_source(synthetic_source):
     return f"--source_dir={synthetic_source}"
 
 
+@pytest.mark.slow
 def test_throughput_smoke(tmp_path, tiny_source):
     payload = run("benchmarks.throughput", tmp_path, tiny_source, "--seconds=0.2",
                   "--repeats=1", "--image_size=32", "--batch_size=8", "--plot")
@@ -41,6 +36,7 @@ def test_throughput_smoke(tmp_path, tiny_source):
     assert (tmp_path / "result.png").exists()
 
 
+@pytest.mark.slow
 def test_train_step_smoke(tmp_path, tiny_source):
     payload = run("benchmarks.train_step", tmp_path, tiny_source, "--models=manual_cnn",
                   "--precisions=float32,mixed_bfloat16", "--jit=false,true", "--image_size=32",
@@ -53,6 +49,7 @@ def test_train_step_smoke(tmp_path, tiny_source):
     assert (tmp_path / "result.png").exists()
 
 
+@pytest.mark.slow
 def test_epoch_smoke(tmp_path, tiny_source):
     payload = run("benchmarks.epoch", tmp_path, tiny_source, "--image_size=32",
                   "--batch_size=8", "--epochs=1", "--max_images=16")
@@ -60,6 +57,7 @@ def test_epoch_smoke(tmp_path, tiny_source):
     assert payload["steps_per_epoch"] == 2 and payload["old_over_pneumo_last_epoch"] > 0
 
 
+@pytest.mark.slow
 def test_prepare_dicom_smoke(tmp_path):
     pytest.importorskip("pydicom")
     payload = run("benchmarks.prepare", tmp_path, "--dicom", "--dicom_images=4",
@@ -75,6 +73,7 @@ def test_prepare_dicom_smoke(tmp_path):
                                         "modality+VOI to uint8", "resize"}
 
 
+@pytest.mark.slow
 def test_prepare_runners_smoke(tmp_path, tiny_source):
     import importlib.util
     runners = "threads,beam:1" if importlib.util.find_spec("apache_beam") else "threads"
@@ -90,7 +89,7 @@ def test_prepare_runners_smoke(tmp_path, tiny_source):
 def test_serving_and_parity_smoke(trained_model_dir, synthetic_source, tmp_path_factory,
                                   tmp_path):
     from pneumo_models.export import ExportConfig, export
-    from tests.conftest import copy_model_dir
+    from tests.helpers import copy_model_dir
     model_dir = copy_model_dir(trained_model_dir, tmp_path_factory)
     export(ExportConfig(model_dir=str(model_dir), litert=("float32", "int8"),
                         calibration_images=16))
@@ -112,6 +111,7 @@ def test_serving_and_parity_smoke(trained_model_dir, synthetic_source, tmp_path_
     assert payload["after"]["stored_pixels"]["differ"] == 0
 
 
+@pytest.mark.slow
 def test_scaling_smoke(tmp_path, tiny_source):
     # Two cells (each starts a TensorFlow process): 2 logical-CPU replicas, 1 service worker.
     payload = run("benchmarks.scaling", tmp_path, tiny_source, "--sections=replicas,service",
@@ -126,6 +126,7 @@ def test_scaling_smoke(tmp_path, tiny_source):
     assert cells[0]["replicas_in_sync"] == 2
 
 
+@pytest.mark.slow
 def test_encoding_smoke(tmp_path, tiny_source):
     payload = run("benchmarks.encoding", tmp_path, tiny_source, "--images=6", "--image_size=32")
     assert payload["environment"]["cores"] >= 1

@@ -14,7 +14,7 @@ from pneumo_data.sources.csv_labels import (
     normalise_value,
     parse_values,
 )
-from tests.conftest import write_image
+from tests.helpers import write_image
 
 pytest.importorskip("pydicom")
 from tests.dicom_files import gradient, make_dataset, write  # noqa: E402

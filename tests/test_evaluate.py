@@ -1,8 +1,5 @@
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +17,7 @@ from pneumo_eval.predict import PredictConfig, PredictError, predict
 from pneumo_eval.thresholds import choose_threshold
 from pneumo_models.models import load_model
 from pneumo_models.train import TrainConfig, train
-
-ROOT = Path(__file__).parents[1]
+from tests.helpers import run_module
 
 
 @pytest.fixture(scope="module")
@@ -124,17 +120,15 @@ def test_predict_handles_broken_files(model_dirs, synthetic_source, prepared, tm
     assert not list(tmp_path.glob("*partial*"))
 
 
+@pytest.mark.slow
 def test_evaluate_cli_error_is_clear(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pneumo_eval.evaluate",
-                           f"--model_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    proc = run_module("pneumo_eval.evaluate", f"--model_dir={tmp_path}")
     assert proc.returncode != 0 and "evaluate: error:" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 def predict_cli(*args):
-    return subprocess.run([sys.executable, "-m", "pneumo_eval.predict", *args], cwd=ROOT,
-                          capture_output=True, text=True)
+    return run_module("pneumo_eval.predict", *args)
 
 
 def test_predict_refuses_outputs_it_did_not_write_before_any_work(model_dirs, synthetic_source,

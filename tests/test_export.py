@@ -5,10 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +28,7 @@ from pneumo_models.models import build_model, load_model
 from pneumo_models.rundir import RunDir
 from pneumo_models.serving import export_saved_model
 from pneumo_models.train import TrainConfig, train
-from tests.conftest import copy_model_dir
-
-ROOT = Path(__file__).parents[1]
+from tests.helpers import copy_model_dir, run_module
 
 
 def encode(pixels: np.ndarray, fmt: str, **kw) -> bytes:
@@ -252,10 +247,9 @@ def test_train_overwrite_keeps_user_files_in_the_export_folder(trained_model_dir
     assert meta["threshold"] == 0.5 and meta["model_sha256"] == file_sha256(out / "model.keras")
 
 
+@pytest.mark.slow
 def test_export_cli_errors_are_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pneumo_models.export",
-                           f"--model_dir={tmp_path / 'nope'}"], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    proc = run_module("pneumo_models.export", f"--model_dir={tmp_path / 'nope'}")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "export: error: --model_dir" in proc.stderr and "does not exist" in proc.stderr
 

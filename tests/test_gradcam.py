@@ -52,8 +52,8 @@ def test_peak_falls_inside_the_planted_region(trained):
 @pytest.mark.parametrize("name,layer,policy", [
     ("manual_cnn", "conv2", "mixed_bfloat16"),
     ("bn_cnn", "block4_relu", "mixed_bfloat16"),
-    ("vgg16", "block5_conv3", "float32"),
-    ("resnet50", "conv5_block3_out", "mixed_float16"),
+    pytest.param("vgg16", "block5_conv3", "float32", marks=pytest.mark.slow),
+    pytest.param("resnet50", "conv5_block3_out", "mixed_float16", marks=pytest.mark.slow),
 ])
 def test_finds_last_conv_layer_for_every_model_and_precision(name, layer, policy):
     model = build_model(name, image_size=SIZE, weights="none", precision=policy, seed=0)

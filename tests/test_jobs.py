@@ -1,11 +1,9 @@
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
+
+import pytest
 
 from pneumo_data.common import jobs
-
-ROOT = Path(__file__).parents[1]
+from tests.helpers import run_code
 
 
 def test_noise_filter_drops_startup_lines_and_keeps_the_rest():
@@ -24,11 +22,12 @@ def test_noise_filter_drops_startup_lines_and_keeps_the_rest():
     assert not any(jobs._is_noise(line) for line in kept)
 
 
-def run_script(code: str):
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, cwd=ROOT)
+def run_script(code: str, *args: str):
+    """``code`` in a fresh process with the environment a user has (no log-level override)."""
+    return run_code(textwrap.dedent(code), *args, env={"TF_CPP_MIN_LOG_LEVEL": None})
 
 
+@pytest.mark.slow
 def test_run_job_reports_user_errors_and_keeps_tracebacks_of_bugs(tmp_path):
     template = """
         import dataclasses
@@ -49,17 +48,15 @@ def test_run_job_reports_user_errors_and_keeps_tracebacks_of_bugs(tmp_path):
 
         run_job("demo", C, job)
     """
-    user = subprocess.run([sys.executable, "-c", textwrap.dedent(template)], capture_output=True,
-                          text=True, cwd=ROOT)
+    user = run_script(template)
     assert user.returncode == 1 and user.stderr.strip() == "demo: error: the folder is missing"
-    bug = subprocess.run([sys.executable, "-c", textwrap.dedent(template), "--kind=bug"],
-                         capture_output=True, text=True, cwd=ROOT)
+    bug = run_script(template, "--kind=bug")
     assert bug.returncode == 1 and "Traceback" in bug.stderr and "KeyError" in bug.stderr
-    extra = subprocess.run([sys.executable, "-c", textwrap.dedent(template), "stray"],
-                           capture_output=True, text=True, cwd=ROOT)
+    extra = run_script(template, "stray")
     assert extra.returncode == 1 and "demo: error: unexpected arguments ['stray']" in extra.stderr
 
 
+@pytest.mark.slow
 def test_import_tensorflow_is_quiet_unless_verbose():
     quiet = run_script("""
         from pneumo_data.common.jobs import import_tensorflow

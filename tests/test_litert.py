@@ -67,6 +67,7 @@ def litert_files(prepared, tmp_path_factory, request):
     return model, paths, out
 
 
+@pytest.mark.slow
 def test_litert_variants_reproduce_the_keras_model(prepared, litert_files):
     model, paths, out = litert_files
     test = _split_images(prepared, "test", 64)

@@ -9,16 +9,12 @@ Training through the job on several replicas is in test_train_distributed.py.
 
 import csv
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).parents[1]
+from tests.helpers import run_code
 
 TWO_REPLICAS = """
 import json, os, sys
@@ -119,10 +115,9 @@ print(json.dumps(result))
 """
 
 
+@pytest.mark.slow
 def test_what_two_replicas_show():
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(TWO_REPLICAS)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = run_code(textwrap.dedent(TWO_REPLICAS), timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["replicas"] == 2

@@ -1,12 +1,10 @@
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from pneumo_data import manifest
+from tests.helpers import run_module
 
 
 def write(tmp_path, data) -> Path:
@@ -46,12 +44,12 @@ def test_malformed_manifests(good, tmp_path):
         manifest.load_manifest(tmp_path)
 
 
+@pytest.mark.slow
 def test_train_on_a_broken_manifest_is_one_line(good, tmp_path):
     del good["counts"]
     write(tmp_path, good)
-    proc = subprocess.run([sys.executable, "-m", "pneumo_models.train", f"--data_dir={tmp_path}",
-                           f"--model_dir={tmp_path / 'run'}"], capture_output=True, text=True,
-                          cwd=Path(__file__).parents[1], env=dict(os.environ))
+    proc = run_module("pneumo_models.train", f"--data_dir={tmp_path}",
+                      f"--model_dir={tmp_path / 'run'}")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "train: error:" in proc.stderr and "key 'counts' is missing" in proc.stderr
     assert not (tmp_path / "run").exists()

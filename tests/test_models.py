@@ -26,7 +26,9 @@ def compiled(name, policy="float32", jit=False, augment=True, backend="kernel"):
     return model
 
 
-@pytest.mark.parametrize("name", models.MODELS)
+@pytest.mark.parametrize("name", [
+    pytest.param(m, marks=pytest.mark.slow) if m in ("vgg16", "resnet50") else m
+    for m in models.MODELS])
 def test_builds_trains_saves_and_reloads_identically(name, tmp_path):
     images, labels = tiny_data()
     model = compiled(name)
@@ -148,6 +150,7 @@ def test_precision_policies_train(policy):
     assert keras.config.dtype_policy().name == "float32"  # global policy restored
 
 
+@pytest.mark.slow
 def test_xla_train_step_keeps_augmentation_with_gather_backend():
     images, labels = tiny_data()
     model = compiled("manual_cnn", jit=True, backend="gather")

@@ -1,7 +1,5 @@
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -12,6 +10,7 @@ from pneumo_data.common.outputs import (
     OutputError,
     final_name,
 )
+from tests.helpers import run_code
 
 
 def test_first_use_needs_an_empty_folder_and_creates_nothing_when_refused(tmp_path):
@@ -64,11 +63,12 @@ def test_another_jobs_folder_is_refused(tmp_path):
         OutputDir(tmp_path, "train").open()
 
 
+@pytest.mark.slow
 def test_second_writer_is_told_the_pid_and_the_lock_goes_with_the_process(tmp_path):
     with OutputDir(tmp_path, "prepare"):
         code = ("from pneumo_data.common.outputs import OutputDir\n"
                 f"OutputDir({str(tmp_path)!r}, 'prepare').open()\n")
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        proc = run_code(code)
         assert proc.returncode == 1
         assert f"is being written by pid {os.getpid()} (prepare)" in proc.stderr
         with pytest.raises(FolderBusyError):
@@ -77,7 +77,7 @@ def test_second_writer_is_told_the_pid_and_the_lock_goes_with_the_process(tmp_pa
     code = ("import os, signal\nfrom pneumo_data.common.outputs import OutputDir\n"
             f"OutputDir({str(tmp_path)!r}, 'prepare').open()\n"
             "os.kill(os.getpid(), signal.SIGKILL)\n")
-    assert subprocess.run([sys.executable, "-c", code]).returncode == -9
+    assert run_code(code).returncode == -9
     with OutputDir(tmp_path, "prepare"):
         pass
 

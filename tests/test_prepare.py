@@ -3,8 +3,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ from pneumo_data import manifest, records_tf
 from pneumo_data.prepare import PrepareConfig, PrepareError, prepare
 from pneumo_data.split import LeakageError
 from pneumo_data.tfds.metadata import METADATA_FILES
-from tests.conftest import make_kaggle_tree, write_image
+from tests.helpers import make_kaggle_tree, run_code, run_module, start_module, write_image
 
 
 def run(src, out, **kw):
@@ -166,6 +164,7 @@ def test_missing_manifest_is_a_clear_error(tmp_path):
         manifest.load_manifest(tmp_path)
 
 
+@pytest.mark.slow
 def test_killed_run_leaves_no_manifest_and_rerun_recovers(tmp_path):
     src = kaggle_source(tmp_path)
     out = tmp_path / "out"
@@ -181,9 +180,8 @@ def test_killed_run_leaves_no_manifest_and_rerun_recovers(tmp_path):
         "from pneumo_data.prepare import PrepareConfig, prepare\n"
         f"prepare(PrepareConfig(source_dir={str(src)!r}, output_dir={str(out)!r}, "
         "image_size=32, progress=False))\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                          cwd=Path(__file__).parents[1])
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    proc = run_code(code)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not (out / "manifest.json").exists()
     assert list(out.glob("*.tfrecord"))  # something half-done was left
     with pytest.raises(manifest.ManifestError):
@@ -205,22 +203,21 @@ def test_embedded_default_dataset_prepares(tmp_path, monkeypatch):
         str(tmp_path / "cache"))
 
 
+@pytest.mark.slow
 def test_cli_reports_errors_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pneumo_data.prepare",
-                           f"--source_dir={tmp_path}", f"--output_dir={tmp_path / 'o'}",
-                           "--noprogress"], capture_output=True, text=True,
-                          cwd=Path(__file__).parents[1])
+    proc = cli(f"--source_dir={tmp_path}", f"--output_dir={tmp_path / 'o'}")
     assert proc.returncode != 0
     assert "prepare: error:" in proc.stderr and "unknown layout" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "pneumo_data.prepare", "--noprogress", *args],
-                          capture_output=True, text=True, cwd=Path(__file__).parents[1],
-                          timeout=timeout)
+    """The ingest job as a user runs it (no log-level override)."""
+    return run_module("pneumo_data.prepare", "--noprogress", *args, timeout=timeout,
+                      env={"TF_CPP_MIN_LOG_LEVEL": None})
 
 
+@pytest.mark.slow
 def test_a_folder_holding_a_users_files_is_refused_and_left_untouched(tmp_path):
     src = kaggle_source(tmp_path)
     out = tmp_path / "u"
@@ -249,6 +246,7 @@ def test_overwrite_keeps_a_users_file_added_to_a_prepared_folder(tmp_path):
     assert (out / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_a_folder_being_written_is_refused_at_once(tmp_path):
     from pneumo_data.common.outputs import OutputDir
     src = kaggle_source(tmp_path)
@@ -260,16 +258,16 @@ def test_a_folder_being_written_is_refused_at_once(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_two_prepares_started_together_leave_one_verified_dataset(tmp_path):
     src = kaggle_source(tmp_path)
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "pneumo_data.prepare", "--noprogress", f"--source_dir={src}",
-            f"--output_dir={out}", "--image_size=32", "--num_workers=1"]
-    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             cwd=Path(__file__).parents[1])
+    args = ["--noprogress", f"--source_dir={src}", f"--output_dir={out}", "--image_size=32",
+            "--num_workers=1"]
+    first = start_module("pneumo_data.prepare", *args)
     import time
     time.sleep(0.3)
-    second = subprocess.run(args, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    second = run_module("pneumo_data.prepare", *args)
     _, first_err = first.communicate(timeout=300)
     codes = sorted([first.returncode, second.returncode])
     assert codes in ([0, 0], [0, 1]), (first_err[-1500:], second.stderr[-1500:])
@@ -328,17 +326,18 @@ def test_output_inside_the_source_is_refused(tmp_path):
     assert not (src / "train" / "prepared").exists()
 
 
+@pytest.mark.slow
 def test_progress_output_reports_decode_rate_without_import_time(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "pneumo_data.prepare", f"--source_dir={kaggle_source(tmp_path)}",
-         f"--output_dir={tmp_path / 'out'}", "--image_size=32"],
-        capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    proc = run_module("pneumo_data.prepare", f"--source_dir={kaggle_source(tmp_path)}",
+                      f"--output_dir={tmp_path / 'out'}", "--image_size=32",
+                      env={"TF_CPP_MIN_LOG_LEVEL": None})
     assert proc.returncode == 0, proc.stderr[-2000:]
     for noise in ("cuInit", "absl::InitializeLog", "oneDNN", "cuda drivers", "cpu_feature_guard"):
         assert noise not in proc.stderr, proc.stderr[-2000:]
     assert re.search(r"written (\d+) of \1 files in [\d.]+s \(\d+ img/s", proc.stdout), proc.stdout
 
 
+@pytest.mark.slow
 def test_record_bytes_do_not_depend_on_the_process():
     # Protobuf map order follows a per-process hash seed unless serialized
     # deterministically; shards written by different processes (two runs, or
@@ -346,7 +345,7 @@ def test_record_bytes_do_not_depend_on_the_process():
     code = ("import hashlib; from pneumo_data.records_tf import serialize; "
             "print(hashlib.sha256(serialize(dict(image=b'\\x01' * 64, label=1, subtype='viral', "
             "patient_id='p1', source_path='a/b.png', source_sha256='ab' * 32))).hexdigest())")
-    root = Path(__file__).resolve().parents[1]
-    digests = {subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.strip() for _ in range(3)}
+    runs = [run_code(code) for _ in range(3)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
+    digests = {r.stdout.strip() for r in runs}
     assert len(digests) == 1

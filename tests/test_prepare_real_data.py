@@ -11,7 +11,7 @@ from PIL import Image
 from pneumo_data import records_tf
 from pneumo_data.prepare import PrepareConfig, prepare
 
-pytestmark = pytest.mark.shared_data
+pytestmark = [pytest.mark.shared_data, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

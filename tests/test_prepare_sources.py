@@ -3,9 +3,6 @@ patients, views and splits in the manifest, DICOM decoded through pneumo_data.pr
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +23,7 @@ from pneumo_data.sources import SourceOptionError  # noqa: E402
 from pneumo_data.split import LeakageError  # noqa: E402
 from tests import source_layouts as layouts  # noqa: E402
 from tests.dicom_files import make_dataset, structured_report, write  # noqa: E402
-
-ROOT = Path(__file__).parents[1]
+from tests.helpers import run_module
 
 
 def run(src, out, **leaves):
@@ -230,11 +226,10 @@ def test_options_that_do_not_apply_are_clear_errors(synthetic_source, tmp_path):
 # ---------------------------------------------------------------- generic csv + DICOM, by CLI
 
 def cli(*args):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run([sys.executable, "-m", "pneumo_data.prepare", "--noprogress", *args],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    return run_module("pneumo_data.prepare", "--noprogress", *args, timeout=300)
 
 
+@pytest.mark.slow
 def test_csv_dicom_export_by_flags_records_every_outcome(tmp_path):
     from pydicom import uid
     from pydicom.encaps import encapsulate

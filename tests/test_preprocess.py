@@ -358,6 +358,7 @@ def _real_files(shared_data: Path) -> list[Path]:
     return full + small
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_real_xrays_pixels_and_probabilities_match(shared_data):
     """Every full-size original and a sample of the 224 px copies, bit for bit."""

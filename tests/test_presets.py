@@ -7,7 +7,7 @@ import pytest
 
 from pneumo_data.sources import presets
 from pneumo_data.sources.presets import PresetError
-from tests.conftest import make_kaggle_tree, write_image
+from tests.helpers import make_kaggle_tree, write_image
 
 pytest.importorskip("pydicom")
 from pneumo_data.preprocess import PreprocessSpec  # noqa: E402

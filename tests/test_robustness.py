@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,9 +14,7 @@ from pneumo_eval import shifts
 from pneumo_eval.metrics import binary_metrics
 from pneumo_eval.thresholds import choose_threshold
 from pneumo_models.rundir import RunDir
-from tests.conftest import copy_model_dir
-
-ROOT = Path(__file__).parents[1]
+from tests.helpers import copy_model_dir, run_module
 
 
 @pytest.fixture(scope="module")
@@ -125,10 +120,8 @@ def test_bad_options_fail_before_writing(model_dir, tmp_path, kwargs, message):
 
 def test_command_line(model_dir, tmp_path):
     out = tmp_path / "cli"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pneumo_eval.robustness", f"--model_dir={model_dir}",
-         "--shifts=crop,noise", f"--output_dir={out}", "--threshold_policy=sensitivity:0.9"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_module("pneumo_eval.robustness", f"--model_dir={model_dir}", "--shifts=crop,noise",
+                      f"--output_dir={out}", "--threshold_policy=sensitivity:0.9", timeout=300)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
     assert [c["shift"] for c in report["conditions"]] == ["crop"] * 3 + ["noise"] * 3

@@ -1,22 +1,15 @@
 """tf.data service: the servers as real processes (what a remote worker gets), the training job
 fed through them, evaluation exactly once, and a dispatcher restart."""
 
-import os
 import signal
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import pneumo_data
 from pneumo_data.service import ServiceConfig, ServiceError, service_address
-from tests.conftest import free_port
-
-ROOT = Path(__file__).parents[1]
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
-
+from tests.helpers import free_port, run_module, start_module
 
 # ---------------------------------------------------------------- options
 
@@ -38,9 +31,9 @@ def test_service_address():
     assert service_address("grpc://host:5050") == "grpc://host:5050"
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line():
-    proc = subprocess.run([sys.executable, "-m", "pneumo_data.service", "--role=worker"],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    proc = run_module("pneumo_data.service", "--role=worker", timeout=60)
     assert proc.returncode == 1
     assert "service: error: --role=worker needs --dispatcher_address" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -52,9 +45,7 @@ class Server:
     """``python -m pneumo_data.service`` in its own process."""
 
     def __init__(self, *flags):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-u", "-m", "pneumo_data.service", *flags], cwd=ROOT, env=ENV,
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.proc = start_module("pneumo_data.service", *flags, stderr=subprocess.DEVNULL)
         self.address = None
 
     def wait_ready(self):
@@ -237,6 +228,7 @@ def test_evaluation_through_the_service_yields_every_example_once(cluster, servi
 
 # ---------------------------------------------------------------- fault tolerance
 
+@pytest.mark.slow
 def test_a_killed_dispatcher_restarts_from_its_journal_and_the_job_goes_on(service_data,
                                                                           tmp_path):
     port, work_dir = free_port(), tmp_path / "journal"

@@ -3,7 +3,7 @@ import re
 import pytest
 
 from pneumo_data import sources
-from tests.conftest import make_kaggle_tree, write_image
+from tests.helpers import make_kaggle_tree, write_image
 
 
 @pytest.mark.parametrize("name,expected", [

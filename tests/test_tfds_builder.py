@@ -3,8 +3,6 @@
 import dataclasses
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +13,8 @@ import tensorflow_datasets as tfds
 import pneumo_data
 from pneumo_data.prepare import PrepareConfig, prepare
 from pneumo_data.tfds.chest_xray_pneumonia import Builder, ChestXrayConfig, ManualDirError
-from tests.conftest import make_kaggle_tree
+from tests.helpers import make_kaggle_tree, run_module
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = ChestXrayConfig(name="t32", image_size=32, seed=7)
 
 
@@ -136,15 +133,16 @@ def test_missing_or_wrong_manual_dir_explains_what_to_download(tmp_path):
         _build(tmp_path / "wrong", tmp_path / "tfds2")
 
 
+@pytest.mark.beam
 @pytest.mark.skipif(importlib.util.find_spec("apache_beam") is None
                     or importlib.util.find_spec("mlcroissant") is None,
                     reason="the tfds CLI imports apache_beam and mlcroissant "
                            "(tensorflow/datasets#5463)")
 def test_tfds_build_cli(kaggle_dir, tmp_path):
-    subprocess.run([sys.executable, "-m", "tensorflow_datasets.scripts.cli.main", "build",
-                    "chest_xray_pneumonia/224", "--imports=pneumo_data.tfds.chest_xray_pneumonia",
-                    f"--manual_dir={kaggle_dir}", f"--data_dir={tmp_path}"],
-                   cwd=ROOT, check=True, capture_output=True)
+    proc = run_module("tensorflow_datasets.scripts.cli.main", "build", "chest_xray_pneumonia/224",
+                      "--imports=pneumo_data.tfds.chest_xray_pneumonia",
+                      f"--manual_dir={kaggle_dir}", f"--data_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
     builder = tfds.builder_from_directory(str(tmp_path / "chest_xray_pneumonia" / "224" / "1.0.0"))
     assert builder.info.features["image"].shape == (224, 224, 1)
     m = _manifest(builder.data_dir)
@@ -153,6 +151,7 @@ def test_tfds_build_cli(kaggle_dir, tmp_path):
         sum(sum(c.values()) for c in m["counts"].values())
 
 
+@pytest.mark.beam
 def test_beam_path_writes_the_same_examples(built, kaggle_dir, tmp_path):
     pytest.importorskip("apache_beam", reason="apache-beam is not installed (extra 'beam')")
     from apache_beam.options.pipeline_options import PipelineOptions

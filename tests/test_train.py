@@ -1,9 +1,6 @@
 import csv
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +10,7 @@ from pneumo_data.common.config import leaves, with_leaves
 from pneumo_data.common.errors import UserError
 from pneumo_data.manifest import ManifestError
 from pneumo_models.train import TrainConfig, TrainError, train
-
-ROOT = Path(__file__).parents[1]
+from tests.helpers import run_code, run_module
 
 
 def small(prepared, model_dir, **kw):
@@ -39,8 +35,7 @@ def train_killed(config, patch: str) -> None:
         "import pneumo_models.train as t\n"
         f"{patch}"
         f"t.train(with_leaves(t.TrainConfig(), **{leaves(config)!r}))\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    proc = run_code(code)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
 
 
@@ -53,6 +48,7 @@ KILL_AFTER_SECOND_EPOCH = (
     "cb.Resume.on_epoch_end = killer\n")
 
 
+@pytest.mark.slow
 def test_job_writes_everything_and_second_run_is_noop(prepared, tmp_path):
     run = train(small(prepared, tmp_path / "run"))
     out = tmp_path / "run"
@@ -86,6 +82,7 @@ def test_flagfile_reproduces_the_config(prepared, tmp_path):
     assert config_from_flags(TrainConfig, values) == config
 
 
+@pytest.mark.slow
 def test_resume_after_kill_continues_from_last_epoch(prepared, tmp_path):
     out = tmp_path / "run"
     config = small(prepared, out, epochs=3)
@@ -100,6 +97,7 @@ def test_resume_after_kill_continues_from_last_epoch(prepared, tmp_path):
     assert len(run["history"]) == 3
 
 
+@pytest.mark.slow
 def test_model_dir_with_another_config_is_refused_before_work(prepared, tmp_path):
     train(small(prepared, tmp_path / "run", epochs=1))
     with pytest.raises(TrainError, match="holds another run.*epochs: 1 -> 2"):
@@ -126,6 +124,7 @@ def test_data_dir_without_manifest(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_message(prepared, tmp_path, monkeypatch):
     import keras
 
@@ -141,10 +140,10 @@ def test_nan_loss_stops_with_a_clear_message(prepared, tmp_path, monkeypatch):
         train(small(prepared, tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_cli_bad_flag_is_a_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pneumo_models.train", f"--data_dir={tmp_path}",
-                           f"--model_dir={tmp_path / 'r'}"], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    proc = run_module("pneumo_models.train", f"--data_dir={tmp_path}",
+                      f"--model_dir={tmp_path / 'r'}")
     assert proc.returncode != 0 and "train: error:" in proc.stderr
     assert "no manifest.json" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -158,14 +157,16 @@ def test_job_learns_the_embedded_default_data(tmp_path, monkeypatch):
 
 
 def cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "pneumo_models.train", *args],
-                          capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    """The training job as a user runs it (no log-level override)."""
+    return run_module("pneumo_models.train", *args, timeout=timeout,
+                      env={"TF_CPP_MIN_LOG_LEVEL": None})
 
 
 SMALL_FLAGS = ("--image_size=32", "--batch_size=8", "--epochs=1", "--steps_per_epoch=2",
                "--precision=float32", "--early_stopping_patience=0")
 
 
+@pytest.mark.slow
 def test_a_model_dir_holding_a_users_files_is_refused_untouched(prepared, tmp_path):
     um = tmp_path / "um"
     (um / "export").mkdir(parents=True)
@@ -182,6 +183,7 @@ def test_a_model_dir_holding_a_users_files_is_refused_untouched(prepared, tmp_pa
     assert sorted(p.name for p in um.iterdir()) == ["export", "history.csv", "resume"]
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_only_the_jobs_own_run(prepared, tmp_path):
     out = tmp_path / "run"
     train(small(prepared, out, epochs=1))
@@ -196,6 +198,7 @@ def test_overwrite_replaces_only_the_jobs_own_run(prepared, tmp_path):
     assert len(run["history"]) == 2 and (out / "my_notes.md").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_line_without_traceback(tmp_path):
     proc = cli("--source_dir=/nope", f"--model_dir={tmp_path / 'r'}")
     assert proc.returncode == 1 and "train: error:" in proc.stderr, proc.stderr[-2000:]
@@ -205,9 +208,10 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_empty_val_split_is_refused_before_writing_and_the_fix_then_runs(prepared, tmp_path):
     from pneumo_data.prepare import PrepareConfig, prepare
-    from tests.conftest import write_image
+    from tests.helpers import write_image
     src = tmp_path / "tiny"
     write_image(src / "NORMAL" / "IM-0001-0001.png", value=60)
     write_image(src / "PNEUMONIA" / "person1_virus_1.png", value=200)
@@ -222,6 +226,7 @@ def test_empty_val_split_is_refused_before_writing_and_the_fix_then_runs(prepare
     assert run["val_metrics"]
 
 
+@pytest.mark.slow
 def test_same_seed_and_deterministic_reproduce_the_weights_exactly(prepared, tmp_path):
     import keras
 
@@ -244,6 +249,7 @@ def test_same_seed_and_deterministic_reproduce_the_weights_exactly(prepared, tmp
     assert drop_timing[:len(ha)] == drop_timing[len(ha):]
 
 
+@pytest.mark.slow
 def test_job_output_is_quiet(prepared, tmp_path):
     proc = cli(f"--data_dir={prepared}", f"--model_dir={tmp_path / 'r'}", *SMALL_FLAGS)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -252,6 +258,7 @@ def test_job_output_is_quiet(prepared, tmp_path):
         assert noise not in proc.stderr + proc.stdout, noise
 
 
+@pytest.mark.slow
 def test_resume_restores_the_optimizer_state_under_mixed_float16(prepared, tmp_path,
                                                                   monkeypatch):
     """The loss-scaling wrapper, AdamW's step count, moments and weight-decay exclusions and
@@ -285,6 +292,7 @@ def test_resume_restores_the_optimizer_state_under_mixed_float16(prepared, tmp_p
     assert epochs_in(out / "history.csv") == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_time_budget_plans_the_epochs_that_fit_and_ends_the_schedule_on_them(prepared,
                                                                              tmp_path):
     # A budget smaller than one epoch: one epoch is planned, the cosine ends on its last step.
@@ -299,6 +307,7 @@ def test_time_budget_plans_the_epochs_that_fit_and_ends_the_schedule_on_them(pre
     assert run["time_budget"]["epochs_planned"] is None
 
 
+@pytest.mark.slow
 def test_ship_last_or_best(prepared, tmp_path):
     import keras
 
@@ -318,6 +327,7 @@ def test_ship_last_or_best(prepared, tmp_path):
     keras.backend.clear_session()
 
 
+@pytest.mark.slow
 def test_a_phase_that_stopped_early_is_not_trained_again_after_a_kill(prepared, tmp_path):
     """Early stopping ended phase 1 after its first epoch; the job was killed while saving
     the final model. The resumed job finishes that run; it does not train more epochs."""

@@ -13,18 +13,16 @@
 
 import csv
 import json
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from tests.conftest import free_port
+from tests.helpers import ROOT, free_port, job_env
 
-ROOT = Path(__file__).parents[1]
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
 TINY = ("--image_size=32", "--batch_size=8", "--steps_per_epoch=3", "--precision=float32",
         "--early_stopping_patience=0")
 
@@ -32,7 +30,7 @@ TINY = ("--image_size=32", "--batch_size=8", "--steps_per_epoch=3", "--precision
 def job(*args, env=None, wrapper=None):
     command = [sys.executable, str(wrapper)] if wrapper else \
         [sys.executable, "-m", "pneumo_models.train"]
-    return subprocess.Popen([*command, *args], cwd=ROOT, env={**ENV, **(env or {})},
+    return subprocess.Popen([*command, *args], cwd=ROOT, env=job_env(env),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -74,6 +72,7 @@ def serves_like_the_model(model_dir, stored=64, size=32):
     return float(np.max(np.abs(served.numpy().ravel() - want.ravel())))
 
 
+@pytest.mark.slow
 def test_two_replicas_train_like_one_device_through_the_job(prepared, tmp_path):
     # Same global batch of 8 (2 x 4) and, deterministic, the same examples per step; no
     # augmentation or dropout (their draws differ per replica by design, see README).
@@ -134,6 +133,7 @@ run_job("train", TrainConfig, train)
 """
 
 
+@pytest.mark.slow
 def test_two_workers_die_resume_complete_and_refuse_together(prepared_many_shards, tmp_path):
     from pneumo_models.tf_config import scratch_dir
     try:
