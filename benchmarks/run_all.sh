@@ -36,7 +36,7 @@ python -m benchmarks.scaling --source_dir="$DATA/chest_xray_224" --shard_mb=4 --
 python -m benchmarks.scaling --source_dir="$DATA/chest_xray_224" --shard_mb=4 --sections=fit \
     --rounds=4 --steps=16 --name=scaling-fit_vs_loop-chest_xray_224
 # Serving routes and train/serve skew need a trained, evaluated and exported model_dir
-# (README, "Serving and the edge"): MODEL_DIR=runs/cnn bash benchmarks/run_all.sh
+# (docs/serving.md): MODEL_DIR=runs/cnn bash benchmarks/run_all.sh
 if [[ -n "${MODEL_DIR:-}" ]]; then
     python -m benchmarks.serving --model_dir="$MODEL_DIR" --split=test
     python -m benchmarks.parity --model_dir="$MODEL_DIR" --source_dir="$DATA/chest_xray_fullres"

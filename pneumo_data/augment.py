@@ -7,7 +7,7 @@ costs about five times as much; here every image draws its own rotation, shear,
 zoom, shift and flip, the five matrices are composed into one, and the image is
 resampled once (bilinear, nearest-edge fill, as ImageDataGenerator did).
 
-Units are explicit (see the README for the ImageDataGenerator / keras-cv /
+Units are explicit (see docs/pipeline.md for the ImageDataGenerator / keras-cv /
 Keras mapping); the ranges live in :class:`pneumo_data.config.AugmentConfig`:
 
 ================= =========================================================

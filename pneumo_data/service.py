@@ -1,4 +1,4 @@
-r"""tf.data service: the servers, and pneumo's streams that run on them.
+r"""tf.data service: the servers (the streams that run on them are pneumo_data.reader's).
 
 Start one dispatcher and any number of workers (each command prints the address
 it listens on and runs until SIGTERM or Ctrl-C; stop the workers before the

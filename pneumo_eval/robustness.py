@@ -334,7 +334,7 @@ def report_markdown(report: dict) -> str:
     lines += ["", "What this can and cannot tell: the shifts imitate acquisition changes on "
                   "images of the same population; they cannot show a change of patients, disease "
                   "mix or labelling, and training augmentation that resembles a shift flatters "
-                  "the model on it (see the README).", "",
+                  "the model on it (see docs/evaluation.md).", "",
               "Figure: [robustness](robustness.png)", ""]
     return "\n".join(lines)
 

@@ -75,7 +75,7 @@ def serves_like_the_model(model_dir, stored=64, size=32):
 @pytest.mark.slow
 def test_two_replicas_train_like_one_device_through_the_job(prepared, tmp_path):
     # Same global batch of 8 (2 x 4) and, deterministic, the same examples per step; no
-    # augmentation or dropout (their draws differ per replica by design, see README).
+    # augmentation or dropout (their draws differ per replica by design, see docs/distributed.md).
     flags = (f"--data_dir={prepared}", *TINY, "--epochs=2", "--deterministic", "--seed=0",
              "--augment=none", "--dropout=0", "--balance=class_weight")
     one, two = tmp_path / "one", tmp_path / "two"
