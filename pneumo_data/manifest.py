@@ -13,6 +13,7 @@ stage (a) of :mod:`pneumo_data.preprocess`, with the definition's version);
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -86,6 +87,18 @@ class Manifest:
         if label is None:
             return int(sum(counts.values()))
         return int(counts.get(label, 0))
+
+    def split_digests(self) -> dict[str, str]:
+        """Per split, the sha256 of which images it holds (each written file's path, content
+        hash and label): equal digests mean the same images in the same split. A run records
+        them, so a data folder re-prepared afterwards (a patient moved from train to test) is
+        noticed by every job that reads the run's data again."""
+        rows: dict[str, list] = {split: [] for split in self.splits}
+        for row in self.data["files"]:
+            if row.get("status") == "written" and row.get("split") in rows:
+                rows[row["split"]].append([row["path"], row["sha256"], row["label"]])
+        return {split: hashlib.sha256(json.dumps(sorted(items)).encode()).hexdigest()
+                for split, items in rows.items()}
 
     def verify(self, splits: tuple[str, ...] | None = None, checksums: bool = True) -> None:
         """Raises ShardIntegrityError naming the first bad shard.

@@ -94,7 +94,8 @@ class PrepareConfig:
     jpeg_quality: int = option(95, "JPEG quality when --encoding=jpeg.")
     shard_mb: float = option(64.0, "Target shard size in MB (at least one shard per class).")
     max_pixels: int = option(DEFAULT_MAX_PIXELS,
-                             "Skip images with more pixels (decompression bomb guard).")
+                             "Skip images with more pixels (decompression bomb guard; this "
+                             "limit governs, Pillow's own does not apply).")
     fast_jpeg: bool = option(True, "Decode large JPEGs at a reduced DCT scale before resizing.")
     allow_leakage: bool = option(
         False, "Write even if a patient or identical image ends up in two splits.")
@@ -217,6 +218,9 @@ def _summary_table(data: dict[str, Any], seconds: float) -> str:
         rows = summary["rows"]
         lines.append(f"label rows: {sum(rows.values())} = " + " + ".join(
             f"{n} {status}" for status, n in sorted(rows.items(), key=lambda kv: -kv[1])))
+    for value, by_outcome in (data["source"].get("label_values") or {}).items():
+        lines.append(f"label value {value!r}: " + ", ".join(
+            f"{n} {outcome}" for outcome, n in by_outcome.items()))
     unused = {k: v for k, v in summary["files"].items() if k not in ("labelled", "ignored")}
     for status, n in sorted(unused.items()):
         lines.append(f"not used {n}: {status} (listed in the manifest's files)")
@@ -310,6 +314,8 @@ def prepare(config: PrepareConfig) -> manifest.Manifest:
     for item in scan.ignored:
         if not item.reason.startswith(("hidden", "label table", "split list")):
             log.warning("ignored %s: %s", item.relpath, item.reason)
+    for warning in scan.label_warnings:
+        log.warning("%s", warning)
     fingerprint = source_fingerprint(scan)
     with OutputDir(config.output_dir, job="prepare") as out:
         existing, stale = _up_to_date(out, config, fingerprint)
@@ -366,6 +372,8 @@ def manifest_data(config: PrepareConfig, scan: sources.SourceScan, fingerprint: 
                    "dataset_name": dataset_name(config, scan.preset),
                    "label_options": scan.label_options,
                    "label_summary": scan.summary(),
+                   "label_values": scan.label_values,
+                   "label_warnings": list(scan.label_warnings),
                    "inputs": [{"path": _relative(p, config.source_dir), "sha256": file_sha256(p)}
                               for p in scan.inputs],
                    "views": _view_counts(entries)},

@@ -58,7 +58,7 @@ from pneumo_data.common.errors import UserError
 from pneumo_data.config import AUGMENT_MODES, AugmentConfig, PipelineConfig
 from pneumo_data.preprocess.model_input_tf import to_model_input
 from pneumo_data.records import METADATA
-from pneumo_data.service import service_address
+from pneumo_data.service import check_shards_for_service, service_address
 
 AUTOTUNE = tf.data.AUTOTUNE
 MAX_SHUFFLE_BUFFER = 20_000
@@ -180,11 +180,7 @@ def _dynamic_class_stream(m, label, files, config, seed, deterministic) -> tf.da
     random sample of its class. No cache: a worker's files change from round to
     round.
     """
-    if len(files) < 2:
-        raise UserError(
-            f"class {label!r} has {len(files)} shard file for tf.data service workers, which "
-            f"share out whole files; re-run prepare with a smaller --shard_mb (several files "
-            f"per class and worker)")
+    check_shards_for_service(m, labels=(label,))
     entries = m.shard_entries("train", label)
     per_file = max(e["records"] for e in entries)
     buffer = max(1, min(sum(e["records"] for e in entries), 2 * per_file, MAX_SHUFFLE_BUFFER))

@@ -128,6 +128,8 @@ def evaluate_model(model_dir: Path, config, out: OutputDir, prefix: str = "") ->
             raise EvaluateError(
                 f"the model's training data is needed to choose the threshold ({error}); "
                 f"restore it, or pass --threshold_data=target") from None
+        if record is not None:
+            run_dir.check_data(train_m, record, EvaluateError)
         threshold_m = train_m
     else:
         train_m = _try_manifest(train_dir) if cross else m
@@ -200,6 +202,7 @@ def evaluate_model(model_dir: Path, config, out: OutputDir, prefix: str = "") ->
                    "data": threshold_m.data.get("source", {}).get("dataset_name")
                    or Path(threshold_m.data_dir).name,
                    "data_dir": str(threshold_m.data_dir),
+                   "data_splits": threshold_m.split_digests(),
                    "val_sensitivity": choice.sensitivity,
                    "val_specificity": choice.specificity,
                    "note": _threshold_note(config, cross, threshold_m is m)},

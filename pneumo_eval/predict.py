@@ -22,13 +22,15 @@ mirrored and rescaled views: for a Keras model the views are made at the model's
 as evaluate makes them; an export takes the stored image, so there they are made at the
 stored size (the same views, resampled at another size).
 
-The threshold: ``--threshold_from`` (an evaluation's report.json), else ``--threshold``, else
-the one a SavedModel was exported with, else 0.5. A threshold chosen with another ``--tta``
-than predict's is used with a warning (it was chosen on other scores). A file that cannot be
-read gets a row with its error instead of a probability; the job never stops on one bad file.
-The CSV is written under a partial name and renamed when complete. An existing ``--output`` is
-replaced only when it is an earlier predictions CSV of this job (same header); any other file
-is refused before any work is done.
+The threshold: ``--threshold_from`` (an evaluation's report.json, refused unless it evaluated
+this very model file and the data the model was trained on), else ``--threshold``, else the one
+an export was given (a SavedModel's ``serving.json``, a LiteRT file's ``litert.json``), else
+0.5. A threshold chosen with another ``--tta`` than predict's is used with a warning (it was
+chosen on other scores). A file that cannot be read gets a row with its error instead of a
+probability; the job never stops on one bad file. The CSV is written under a partial name and
+renamed when complete, with a hidden stamp beside it
+(:class:`~pneumo_data.common.outputs.OwnedFile`): an existing ``--output`` is replaced only
+when it is this job's earlier output, unedited; any other file is refused before any work.
 """
 
 from __future__ import annotations
@@ -43,14 +45,21 @@ from typing import Callable
 import numpy as np
 
 from pneumo_data import manifest as manifest_lib
-from pneumo_data.common.files import replacing
+from pneumo_data.common.files import file_sha256
 from pneumo_data.common.jobs import import_tensorflow
+from pneumo_data.common.outputs import OutputError, OwnedFile
 from pneumo_data.preprocess import RESIZE_MODES, DecodeError, PreprocessSpec, decode
 from pneumo_eval.config import TTA_MODES, PredictConfig, PredictError
 from pneumo_models.edge import LiteRTModel
-from pneumo_models.export_meta import LITERT_META, load_litert_meta, load_serving_meta, model_size
-from pneumo_models.report import check_threshold, read_threshold
-from pneumo_models.rundir import MODEL, RunDir
+from pneumo_models.export_meta import (
+    LITERT_META,
+    load_litert_meta,
+    load_serving_meta,
+    model_size,
+    serving_meta_path,
+)
+from pneumo_models.report import ReportError, check_threshold, read_threshold
+from pneumo_models.rundir import MODEL, RunDir, RunDirError
 
 log = logging.getLogger("pneumo.predict")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm",
@@ -66,20 +75,16 @@ def _files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
-def _check_output(out: Path) -> None:
-    """Refuses an --output that is a folder, or a file this job did not write."""
-    if out.is_dir():
-        raise PredictError(f"--output {out} is a folder; give a CSV file path")
-    if out.exists():
-        with open(out, newline="", errors="replace") as handle:
-            header = handle.readline().strip()
-        if header != ",".join(COLUMNS):
-            raise PredictError(f"--output {out} exists and is not a predictions CSV of this "
-                               f"job; not replacing it. Choose another --output")
-
-
-def _threshold_from(path: str, tta: str = "none") -> float:
+def _threshold_from(path: str, model, tta: str = "none") -> float:
+    """The threshold of report ``path``, checked against the model it is applied to (its
+    file's sha256, and the training data the threshold was chosen on)."""
     chosen = read_threshold(path)
+    try:
+        chosen.check_model(model.sha256, f"{model.path}'s model file")
+        if model.run is not None and model.run.is_complete():
+            chosen.check_run(model.run, model.run.record())
+    except ReportError as error:
+        raise PredictError(str(error)) from None
     if chosen.tta != tta:
         log.warning("the threshold of %s was chosen with --tta=%s, and predict runs --tta=%s: "
                     "it was chosen on other scores", path, chosen.tta, tta)
@@ -89,15 +94,18 @@ def _threshold_from(path: str, tta: str = "none") -> float:
 # ---------------------------------------------------------------- the three kinds of model
 
 @dataclasses.dataclass
-class Scorer:
-    """A loaded model: ``probabilities(stored uint8 [N, S, S, 1]) -> float [N]``."""
+class Model:
+    """What predict knows about a model before loading it (no TensorFlow): its kind, how its
+    training images were stored, the model file it is (sha256) and the threshold an export
+    carries."""
 
     kind: str
     path: Path
-    spec: object  # pneumo_data.preprocess.PreprocessSpec
+    spec: PreprocessSpec
     spec_source: str
-    probabilities: Callable[[np.ndarray], np.ndarray]
-    threshold: float | None = None  # the exported one (SavedModel)
+    sha256: str | None
+    threshold: float | None = None  # the exported one (SavedModel, LiteRT)
+    run: RunDir | None = None       # the training run of a .keras model, when known
 
 
 def _model_path(config: PredictConfig) -> Path:
@@ -128,22 +136,28 @@ def _kind(path: Path) -> str:
                        f".tflite file")
 
 
-def _keras_spec(config: PredictConfig, path: Path):
-    """(spec, where it came from) for a .keras model: overrides, else its run's manifest."""
-    spec, source = None, None
+def _keras_model(config: PredictConfig, path: Path) -> Model:
+    """A .keras model: its settings from overrides, else its run's manifest."""
+    spec, source, trained = None, None, None
     candidates = [RunDir(config.model_dir)] if config.model_dir else []
     candidates.append(RunDir(path.parent))
     for run in candidates:
         if not run.is_complete():
             continue
-        data_dir = run.data_dir()
+        trained = run
+        record = run.record()
+        data_dir = run.data_dir(record)
         try:
-            spec = manifest_lib.load_manifest(data_dir).preprocess if data_dir else None
+            m = manifest_lib.load_manifest(data_dir) if data_dir else None
         except manifest_lib.ManifestError as error:
             log.warning("cannot read the training data's manifest: %s", error)
-            spec = None
-        if spec is not None:
-            source = f"the manifest of {data_dir}"
+            m = None
+        if m is not None:
+            try:
+                run.check_data(m, record)
+            except RunDirError as error:  # the stored-image settings still apply
+                log.warning("%s", error)
+            spec, source = m.preprocess, f"the manifest of {data_dir}"
             break
     if config.stored_size or config.resize:
         base = spec or PreprocessSpec()
@@ -152,10 +166,26 @@ def _keras_spec(config: PredictConfig, path: Path):
         source = "--stored_size/--resize" + (f" over {source}" if source else "")
     if spec is None:
         raise PredictError(
-            f"cannot tell how {path}'s training images were stored (no run.json with a readable "
-            f"data manifest beside it or in --model_dir): pass --stored_size (and --resize=pad "
-            f"if they were padded)")
-    return spec, source
+            f"cannot tell how {path}'s training images were stored (no finished run with a "
+            f"readable data manifest beside it or in --model_dir): pass --stored_size (and "
+            f"--resize=pad if they were padded)")
+    return Model("keras", path, spec, source, file_sha256(path), run=trained)
+
+
+def _describe(config: PredictConfig, path: Path, kind: str) -> Model:
+    """The model's settings, file identity and exported threshold, read without TensorFlow."""
+    if kind != "keras" and (config.stored_size or config.resize):
+        raise PredictError("--stored_size/--resize apply to .keras models only; an export "
+                           "records its own preprocessing settings")
+    if kind == "keras":
+        return _keras_model(config, path)
+    if kind == "savedmodel":
+        meta, source = load_serving_meta(path), f"{serving_meta_path(path)}"
+    else:
+        meta, source = load_litert_meta(path), f"{path.parent / LITERT_META}"
+    threshold = meta.get("threshold")
+    return Model(kind, path, PreprocessSpec.from_dict(meta["preprocess"]), source,
+                 meta.get("model_sha256"), None if threshold is None else float(threshold))
 
 
 def _tensorflow_half():
@@ -169,69 +199,65 @@ def _tensorflow_half():
     return tf, to_model_input, tta_scores, load_model, predictor
 
 
-def _load(config: PredictConfig, path: Path, kind: str) -> Scorer:
-    if kind != "keras" and (config.stored_size or config.resize):
-        raise PredictError("--stored_size/--resize apply to .keras models only; an export "
-                           "records its own preprocessing settings")
-    if kind == "keras":
-        spec, source = _keras_spec(config, path)
+def _scores(config: PredictConfig, model: Model) -> Callable[[np.ndarray], np.ndarray]:
+    """``probabilities(stored uint8 [N, S, S, 1]) -> float [N]`` of the loaded model."""
+    path = model.path
+    if model.kind == "keras":
         _, to_model_input, tta_scores, load_model, predictor = _tensorflow_half()
-        model = load_model(path)
-        size, score = model_size(model), predictor(model)
-        return Scorer(kind, path, spec, source,
-                      lambda x: tta_scores(score, to_model_input(x, size), config.tta))
-    if kind == "savedmodel":
-        meta = load_serving_meta(path)
+        net = load_model(path)
+        size, score = model_size(net), predictor(net)
+        return lambda x: tta_scores(score, to_model_input(x, size), config.tta)
+    if model.kind == "savedmodel":
         tf, _, tta_scores, _, _ = _tensorflow_half()
         signature = tf.saved_model.load(str(path)).signatures["serve_pixels"]
-        return Scorer(kind, path, PreprocessSpec.from_dict(meta["preprocess"]),
-                      f"{path}'s serving.json", lambda x: tta_scores(lambda v: np.asarray(
-                          signature(pixels=tf.constant(v))["probability"], np.float64), x,
-                          config.tta),
-                      threshold=float(meta["threshold"]))
-    meta = load_litert_meta(path)
+        return lambda x: tta_scores(lambda v: np.asarray(
+            signature(pixels=tf.constant(v))["probability"], np.float64), x, config.tta)
     edge = LiteRTModel(path)
-    spec = PreprocessSpec.from_dict(meta["preprocess"])
-    if spec.stored_size != edge.stored_size:
+    if model.spec.stored_size != edge.stored_size:
         raise PredictError(f"{path} takes {edge.stored_size} px images but its "
-                           f"{LITERT_META} says {spec.stored_size}")
+                           f"{LITERT_META} says {model.spec.stored_size}")
 
     def edge_scores(v):
         return edge.predict(v, batch_size=len(v)).astype(np.float64)
 
     if config.tta == "none":
-        return Scorer(kind, path, spec, f"{path.parent / LITERT_META}", edge_scores)
+        return edge_scores
     _, _, tta_scores, _, _ = _tensorflow_half()
-    return Scorer(kind, path, spec, f"{path.parent / LITERT_META}",
-                  lambda x: tta_scores(edge_scores, x, config.tta))
+    return lambda x: tta_scores(edge_scores, x, config.tta)
 
 
 def predict(config: PredictConfig) -> Path:
+    """Runs the job; returns the CSV's path. Everything is checked (flags, --output, the
+    model's files, the threshold's report) before TensorFlow loads or any image is read."""
     if not config.input:
         raise PredictError("--input is required")
     if config.batch_size < 1 or config.stored_size < 0:
         raise PredictError("--batch_size must be positive and --stored_size >= 0")
     if config.resize is not None and config.resize not in RESIZE_MODES:
         raise PredictError(f"--resize must be one of {RESIZE_MODES}, got {config.resize!r}")
-    out = Path(config.output)
-    _check_output(out)
     if config.tta not in TTA_MODES:
         raise PredictError(f"--tta must be one of {TTA_MODES}, got {config.tta!r}")
-    given = _threshold_from(config.threshold_from, config.tta) if config.threshold_from \
-        else config.threshold
-    if given is not None:
+    out = OwnedFile(config.output, job="predict")
+    try:
+        out.check()
+    except OutputError as error:
+        raise PredictError(f"--output: {error}") from None
+    if config.threshold is not None:
         try:
-            check_threshold(given)
+            check_threshold(config.threshold)
         except ValueError as error:
             raise PredictError(str(error)) from None
-    files = _files(Path(config.input))
     path = _model_path(config)
-    scorer = _load(config, path, _kind(path))
-    threshold = check_threshold(given if given is not None else
-                                scorer.threshold if scorer.threshold is not None else 0.5)
-    spec = scorer.spec
-    log.info("%s model %s; preprocessing %s (from %s); threshold %g", scorer.kind, path,
-             json.dumps(spec.to_dict()), scorer.spec_source, threshold)
+    model = _describe(config, path, _kind(path))
+    files = _files(Path(config.input))
+    threshold = check_threshold(
+        _threshold_from(config.threshold_from, model, config.tta) if config.threshold_from
+        else config.threshold if config.threshold is not None
+        else model.threshold if model.threshold is not None else 0.5)
+    spec = model.spec
+    probabilities = _scores(config, model)
+    log.info("%s model %s; preprocessing %s (from %s); threshold %g", model.kind, path,
+             json.dumps(spec.to_dict()), model.spec_source, threshold)
 
     rows: list[dict] = []
     batch, owners = [], []
@@ -239,7 +265,7 @@ def predict(config: PredictConfig) -> Path:
     def flush():
         if not batch:
             return
-        probs = scorer.probabilities(np.stack(batch)[..., None])
+        probs = probabilities(np.stack(batch)[..., None])
         for row, p in zip(owners, probs):
             row.update(probability=f"{p:.6f}", decision="pneumonia" if p >= threshold
                        else "normal")
@@ -260,13 +286,13 @@ def predict(config: PredictConfig) -> Path:
         if len(batch) >= config.batch_size:
             flush()
     flush()
-    with replacing(out) as tmp, open(tmp, "w", newline="") as handle:
+    with out.replacing() as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(COLUMNS))
         writer.writeheader()
         writer.writerows(rows)
     bad = sum(1 for r in rows if r["error"])
-    log.info("wrote %s: %d predictions, %d unreadable", out, len(rows) - bad, bad)
-    return out
+    log.info("wrote %s: %d predictions, %d unreadable", out.path, len(rows) - bad, bad)
+    return out.path
 
 
 if __name__ == "__main__":

@@ -109,10 +109,12 @@ def _exported_threshold(model_dir: Path, model_sha: str) -> dict[str, Any] | Non
             "detail": f"shipped with {saved} ({meta['threshold_source']})"}
 
 
-def _report_threshold(path: str, model_sha: str) -> dict[str, Any]:
+def _report_threshold(path: str, model_sha: str, run_dir: RunDir, record) -> dict[str, Any]:
     try:
         chosen = read_threshold(path)
         chosen.check_model(model_sha)
+        if record is not None:
+            chosen.check_run(run_dir, record)
     except ReportError as error:
         raise RobustnessError(str(error)) from None
     return {"value": chosen.value, "source": "threshold_from",
@@ -191,14 +193,16 @@ def robustness(config: RobustnessConfig) -> dict[str, Any]:
     run = record.to_dict() if record is not None else {}
     model_path = RunDir(model_dir).model_path
     model_sha = file_sha256(model_path)
-    given = _report_threshold(config.threshold_from, model_sha) if config.threshold_from \
-        else None
+    given = _report_threshold(config.threshold_from, model_sha, RunDir(model_dir), record) \
+        if config.threshold_from else None
     exported = _exported_threshold(model_dir, model_sha)
     threshold = given or exported
     val_m = None
     if threshold is None:
         same_data = train_dir is None or Path(train_dir).resolve() == Path(data_dir).resolve()
         val_m = m if same_data else manifest_lib.load_manifest(train_dir)
+        if record is not None and val_m is not m:
+            RunDir(model_dir).check_data(val_m, record, RobustnessError)
         if "val" not in val_m.splits or val_m.count("val") == 0:
             raise RobustnessError(f"{val_m.data_dir} has no val images to choose the threshold "
                                   f"on; pass --threshold_from")

@@ -144,6 +144,9 @@ class DistributeConfig:
     steps_per_execution: int = option(
         1, "Training steps per tf.function call (callbacks see one batch end per call); more "
            "can help where steps are short (GPUs, TPUs).")
+    data_service_timeout: float = option(
+        60.0, "Seconds the tf.data service (--data_service) has to hand out its first data "
+              "before the job stops with an error (no dispatcher there, or no worker).")
     data_service: str | None = option(
         None, "grpc://HOST:PORT of a tf.data service dispatcher: the training stream (and "
               "validation) is produced by its workers (python -m pneumo_data.service).")

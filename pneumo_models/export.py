@@ -30,7 +30,7 @@ from pneumo_data.common.config import option
 from pneumo_data.common.jobs import import_tensorflow
 from pneumo_data.common.outputs import LEDGER_NAME, OutputDir
 from pneumo_models.export_meta import DEFAULT_THRESHOLD_SOURCE, VARIANTS, ExportError
-from pneumo_models.report import Threshold, check_threshold, read_threshold
+from pneumo_models.report import ReportError, Threshold, check_threshold, read_threshold
 from pneumo_models.rundir import RunDir
 
 log = logging.getLogger("pneumo.export")
@@ -62,7 +62,7 @@ def _threshold(config: ExportConfig) -> tuple[float, str, Threshold | None]:
         raise ExportError("give --threshold or --threshold_from, not both")
     chosen = None
     if config.threshold_from:
-        chosen = read_threshold(config.threshold_from, require_model=True)
+        chosen = read_threshold(config.threshold_from)
         value, source = chosen.value, chosen.source
     elif config.threshold is not None:
         value, source = config.threshold, "--threshold"
@@ -102,12 +102,19 @@ def export(config: ExportConfig) -> dict[str, Any]:
     if data_dir is None:
         raise ExportError(f"{run.path}'s run record names no data_dir; pass --data_dir (the "
                           f"prepared data the model was trained on)")
-    spec = manifest_lib.load_manifest(data_dir).preprocess
+    m = manifest_lib.load_manifest(data_dir)
+    spec = m.preprocess
     with OutputDir(run.path, job="train") as model_out:
-        run.require_finished()  # again, under the lock
+        record = run.require_finished()  # again, under the lock
+        if run.is_training_data(data_dir, record):  # int8 calibrates on its train split
+            run.check_data(m, record, ExportError)
         sha = files.file_sha256(run.model_path)
         if chosen is not None:
-            chosen.check_model(sha)
+            try:
+                chosen.check_model(sha)
+                chosen.check_run(run, record)
+            except ReportError as error:
+                raise ExportError(str(error)) from None
         # The job's TensorFlow half, loaded once the checks have passed.
         import_tensorflow()
         from pneumo_models.export_dir import export_into_model_dir
@@ -119,8 +126,8 @@ def export(config: ExportConfig) -> dict[str, Any]:
             litert=tuple(config.litert), data_dir=data_dir,
             calibration_images=config.calibration_images, seed=config.calibration_seed,
             model_sha256=sha)
-    log.info("exported %s: threshold %.4f (%s); %s", run.path, threshold, source,
-             ", ".join([result["saved_model"], *result.get("litert", {}).values()]))
+    log.info("exported %s, each carrying the threshold %.4f (%s): %s", run.path, threshold,
+             source, ", ".join([result["saved_model"], *result.get("litert", {}).values()]))
     return result
 
 

@@ -53,6 +53,7 @@ def export_into_model_dir(model_out: OutputDir, model, spec: PreprocessSpec, *,
         if litert:
             paths = litert_lib.export_litert(
                 model, folder / LITERT, spec, litert, data_dir=data_dir,
-                calibration=calibration_images, seed=seed, out=out, model_sha256=model_sha256)
+                calibration=calibration_images, seed=seed, out=out, model_sha256=model_sha256,
+                threshold=threshold, threshold_source=threshold_source)
             result["litert"] = {k: str(v) for k, v in paths.items()}
     return result

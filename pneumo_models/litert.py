@@ -5,12 +5,14 @@
 (:class:`pneumo_models.edge.LiteRTModel` runs them.)
 
 Each flatbuffer takes the *stored* image, uint8 ``[N, S, S, 1]`` (batch 1 in the file;
-:class:`LiteRTModel` resizes the batch dimension), i.e. what stage (a) of
+:class:`~pneumo_models.edge.LiteRTModel` resizes the batch dimension), i.e. what stage (a) of
 :mod:`pneumo_data.preprocess` makes of a file (``decode``; on a device, the same
 Pillow code or any decoder plus the recorded settings). Inside: stage (b) (int32
 GATHER/MUL/SUM, exact, the same bits as the pipeline), the model's own ``Preprocess`` layer and
 the network; the output is the pneumonia probability, float32 ``[N]``. The augmentation layer
-is called with ``training=False`` and leaves no op behind.
+is called with ``training=False`` and leaves no op behind. ``litert.json`` beside the files
+records the preprocessing settings and the decision threshold the export was given (the one
+the SavedModel carries; ``predict --model=X.tflite`` applies it).
 
 Variants:
 
@@ -51,7 +53,14 @@ from pneumo_data.common.jobs import filtered_stderr
 from pneumo_data.preprocess import PreprocessSpec
 from pneumo_data.preprocess.model_input_tf import to_model_input
 from pneumo_models import models  # noqa: F401  (registers the custom layers for float32_copy)
-from pneumo_models.export_meta import LITERT_META, VARIANTS, ExportError, model_size
+from pneumo_models.export_meta import (
+    DEFAULT_THRESHOLD_SOURCE,
+    LITERT_META,
+    VARIANTS,
+    ExportError,
+    model_size,
+)
+from pneumo_models.report import check_threshold
 from pneumo_models.serving import quiet_saving, replacing_folder, versions
 
 log = logging.getLogger("pneumo.litert")
@@ -184,7 +193,9 @@ def calibration_images(data_dir, stored_size: int, count: int = 300, seed: int =
 
 def export_litert(model, out_dir: str | os.PathLike, spec: PreprocessSpec,
                   variants: Iterable[str] = VARIANTS, *, data_dir=None, calibration: int = 300,
-                  seed: int = 0, out=None, model_sha256: str | None = None) -> dict[str, Path]:
+                  seed: int = 0, out=None, model_sha256: str | None = None,
+                  threshold: float = 0.5, threshold_source: str = DEFAULT_THRESHOLD_SOURCE
+                  ) -> dict[str, Path]:
     """Writes ``<variant>.tflite`` files and ``litert.json`` as the folder ``out_dir``.
 
     The folder is replaced whole (a partial folder, then renamed), so it holds exactly
@@ -206,6 +217,7 @@ def export_litert(model, out_dir: str | os.PathLike, spec: PreprocessSpec,
                   "what": "the stored image: pneumo_data.preprocess.decode(file, spec).pixels; "
                           "batch dimension resizable"},
         "output": {"name": "probability", "dtype": "float32", "shape": [1]},
+        "threshold": check_threshold(threshold), "threshold_source": threshold_source,
         "variants": {}, "versions": versions(),
     }
     calib = None

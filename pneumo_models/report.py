@@ -80,6 +80,8 @@ class Threshold:
     tta: str
     model_sha256: str | None   # the model file the report evaluated
     path: str                  # the report
+    data_dir: str | None = None               # the data whose val split chose it
+    data_splits: dict[str, str] | None = None  # that data's Manifest.split_digests()
 
     @property
     def source(self) -> str:
@@ -88,19 +90,35 @@ class Threshold:
 
     def check_model(self, sha256: str, what: str = "this model.keras") -> None:
         """Raises ReportError unless the report evaluated the model file of ``sha256``."""
-        if self.model_sha256 is not None and self.model_sha256 != sha256:
+        if self.model_sha256 is None:
+            raise ReportError(f"--threshold_from {self.path} does not say which model file it "
+                              f"evaluated (no model.file_sha256); evaluate this model first")
+        if self.model_sha256 != sha256:
             raise ReportError(
                 f"--threshold_from {self.path} evaluated another model file (sha256 "
                 f"{self.model_sha256[:12]}..., {what} is {sha256[:12]}...); evaluate this "
                 f"model first")
 
+    def check_run(self, run_dir, record) -> None:
+        """Raises ReportError when the threshold was chosen on the run's training data as it
+        was *not* when the model trained on it (the folder was prepared again between
+        training and the evaluation): its val split then held other images."""
+        if not (self.data_dir and self.data_splits is not None
+                and run_dir.is_training_data(self.data_dir, record)):
+            return
+        changed = sorted(split for split in set(record.data_splits) | set(self.data_splits)
+                         if record.data_splits.get(split) != self.data_splits.get(split))
+        if changed:
+            raise ReportError(
+                f"--threshold_from {self.path} chose its threshold on {self.data_dir} after it "
+                f"was prepared again: its {', '.join(changed)} split(s) were not the ones "
+                f"{run_dir.path} was trained on; evaluate the model on its own training data")
 
-def read_threshold(path: str | Path, *, require_model: bool = False) -> Threshold:
-    """The threshold of evaluation report ``path`` (``--threshold_from``), checked.
 
-    ``require_model``: the report must name the model file it evaluated (a report without
-    ``model.file_sha256`` is refused, as for an export that carries its threshold).
-    """
+def read_threshold(path: str | Path) -> Threshold:
+    """The threshold of evaluation report ``path`` (``--threshold_from``), checked; a user of
+    it then checks that it belongs to its model (:meth:`Threshold.check_model`) and to the
+    model's training data (:meth:`Threshold.check_run`)."""
     report = read_json(path, "--threshold_from")
     try:
         chosen = report["threshold"]
@@ -110,16 +128,14 @@ def read_threshold(path: str | Path, *, require_model: bool = False) -> Threshol
                           f"(no threshold.value)") from None
     evaluated = (report.get("model") or {}).get("file_sha256") \
         if isinstance(report.get("model"), dict) else None
-    if require_model and not evaluated:
-        raise ReportError(f"--threshold_from {path} is not a {NAME} of pneumo_eval.evaluate "
-                          f"(no threshold.value or model.file_sha256)")
     try:
         value = check_threshold(value)
     except ValueError as error:
         raise ReportError(f"{path}: {error}") from None
     return Threshold(value=value, policy=chosen.get("policy"), chosen_on=chosen.get("chosen_on"),
                      data=chosen.get("data"), tta=report.get("tta", "none"),
-                     model_sha256=evaluated, path=str(path))
+                     model_sha256=evaluated, path=str(path), data_dir=chosen.get("data_dir"),
+                     data_splits=chosen.get("data_splits"))
 
 
 # ---------------------------------------------------------------- report.md

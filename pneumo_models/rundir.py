@@ -81,6 +81,7 @@ class RunRecord:
     distribution: dict[str, Any]
     data_dir: str | None          # relative to the model_dir
     data_manifest_created: str
+    data_splits: dict[str, str]   # Manifest.split_digests(): which images each split held
     train_counts: dict[str, int]
     val_metrics: dict[str, float]
     history: list[dict[str, float]]
@@ -166,6 +167,28 @@ class RunDir:
         """The run record (``run.json``), checked."""
         return RunRecord.from_dict(read_json(self.path / RUN, "run record"), self.path / RUN)
 
+    def is_training_data(self, data_dir, record: RunRecord | None = None) -> bool:
+        """True when folder ``data_dir`` is the one the run was trained on."""
+        trained = self.data_dir(record)
+        return trained is not None and Path(data_dir).resolve() == trained.resolve()
+
+    def check_data(self, m, record: RunRecord | None = None,
+                   error: type[UserError] = RunDirError) -> None:
+        """Raises ``error`` when prepared folder ``m``, the run's training data, no longer holds
+        the splits the run was trained (and its threshold chosen) on: it was prepared again
+        since, and a patient of the training split may now sit in val or test."""
+        record = record or self.record()
+        now = m.split_digests()
+        changed = sorted(split for split in set(record.data_splits) | set(now)
+                         if record.data_splits.get(split) != now.get(split))
+        if changed:
+            raise error(
+                f"{m.data_dir} was prepared again after {self.path} was trained on it: its "
+                f"{', '.join(changed)} split(s) no longer hold the images the model was trained "
+                f"and thresholded on, so a score on them could include training images. Use "
+                f"the data the model was trained on (prepare it again with the run's options "
+                f"into another folder), or train again on the new splits")
+
     def data_dir(self, record: RunRecord | None = None) -> Path | None:
         """The data_dir the run was trained on (recorded relative to the model_dir)."""
         recorded = (record or self.record()).data_dir
@@ -197,6 +220,8 @@ class RunDir:
         m.require_split(split)
         if m.count(split) == 0:
             raise error(f"split {split!r} of {data_dir} holds no images")
+        if record is not None and self.is_training_data(data_dir, record):
+            self.check_data(m, record, error)
         return record, train_dir, data_dir, m
 
     # ------------------------------------------------------------------ the run's options

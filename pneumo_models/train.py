@@ -89,7 +89,12 @@ from pneumo_data.common.jobs import import_tensorflow
 from pneumo_data.common.outputs import OutputDir
 from pneumo_data.config import PipelineConfig
 from pneumo_data.prepare import PrepareConfig, prepare
-from pneumo_data.service import service_address
+from pneumo_data.service import (
+    check_reachable,
+    check_service,
+    check_shards_for_service,
+    service_address,
+)
 from pneumo_data.sources import presets
 from pneumo_models import recipes, tf_config
 from pneumo_models.config import (
@@ -169,9 +174,11 @@ class TrainConfig:
         return Path(self.model_dir or Path("runs") / self.network.model)
 
     def identity(self) -> dict[str, Any]:
-        """The options that define the run (a re-run with equal ones resumes or is a no-op)."""
+        """The options that define the run (a re-run with equal ones resumes or is a no-op):
+        all but --overwrite and --data_service_timeout, which only say how to run it."""
         values = config_to_dict(self)
         values.pop("overwrite")
+        values["distribution"].pop("data_service_timeout")
         return values
 
     def validate(self) -> None:
@@ -210,6 +217,9 @@ class TrainConfig:
             raise TrainError(f"--steps_per_execution must be >= 1, got {d.steps_per_execution}")
         if d.tpu and d.strategy != "tpu":
             raise TrainError("--tpu names the TPU of --strategy=tpu; add --strategy=tpu")
+        if not (d.data_service_timeout > 0 and math.isfinite(d.data_service_timeout)):
+            raise TrainError(f"--data_service_timeout must be a positive number of seconds, "
+                             f"got {d.data_service_timeout}")
         if d.data_service:
             service_address(d.data_service)  # a clear error for a malformed address
             if self.deterministic:
@@ -247,6 +257,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
         given = manifest.load_manifest(config.data_dir)
         _check_data(given, config)
     d = config.distribution
+    if d.data_service:  # nothing listening there is known at once, without TensorFlow
+        if given is not None:
+            check_shards_for_service(given)
+        check_reachable(d.data_service)
     chief, task = tf_config.role(d.strategy)  # TF_CONFIG checked before TensorFlow starts
     model_dir = config.resolved_model_dir()
     run = RunDir(model_dir if chief else tf_config.scratch_dir(model_dir, task))
@@ -267,6 +281,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
         strategy = distribute.make_strategy(d.strategy, tpu=d.tpu)
         distribute.per_replica_batch_size(config.pipeline.batch_size, strategy)
+        if d.data_service:  # a dispatcher with workers hands out data within the timeout
+            check_service(d.data_service, d.data_service_timeout)
         if not out.is_open and error is None:  # a new folder: created now, checks passed
             complete, error = _open_run_folder(run, out, config, chief)
             if error is not None and alone:
@@ -283,6 +299,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         m = given or _prepared(config, out)
         counts = _check_data(m, config) if given is None else \
             {c: m.count("train", c) for c in m.classes}
+        if d.data_service and given is None:
+            check_shards_for_service(m)
         run.write_config(out, config.identity(), config_to_flagfile(
             dataclasses.replace(config, overwrite=False)))
         # ---- 4. Model, loop and export (pneumo_models.training).

@@ -131,7 +131,8 @@ def run(config, run_dir: RunDir, out: OutputDir, m, counts: dict[str, int], stra
                       "lr_scaling": d.lr_scaling, "learning_rate": numerics.learning_rate,
                       "data_service": d.data_service, "replica_divergence": divergence},
         data_dir=_relative(m.data_dir, run_dir.path),
-        data_manifest_created=m.data["created"], train_counts=counts,
+        data_manifest_created=m.data["created"], data_splits=m.split_digests(),
+        train_counts=counts,
         val_metrics={k: float(v) for k, v in metrics.items()},
         history=run_dir.history(), time_budget=budget.record())
     run_dir.write_record(out, record)

@@ -357,3 +357,62 @@ class OutputDir:
         for rel in doomed:
             self.remove(rel)
         return doomed
+
+
+class OwnedFile:
+    """One output file in a folder pneumo does not own (``predict --output=labels.csv``).
+
+    A folder's ledger cannot vouch for a single file among a user's own, so the file gets a
+    hidden stamp beside it, ``.NAME.pneumo.json``, recording the job and the sha256 of what it
+    wrote. An existing file is replaced only when its stamp is there and its bytes are still
+    the ones stamped: a file pneumo did not write, or one edited since (a radiologist's
+    corrections in a predictions CSV), is refused before any work. The stamp is written before
+    the file is renamed into place and lists both the old and the new content while they
+    swap, so a kill at any point leaves a file the next run recognises.
+
+    Example::
+
+        owned = OwnedFile("predictions.csv", job="predict")
+        owned.check()                      # before any work
+        with owned.replacing() as tmp:
+            write(tmp)
+    """
+
+    def __init__(self, path: str | os.PathLike, job: str):
+        self.path = Path(path)
+        self.job = job
+        self.stamp = self.path.with_name(f".{self.path.name}.pneumo.json")
+
+    def _stamped(self) -> list[str]:
+        if not self.stamp.is_file():
+            return []
+        try:
+            data = files.read_json(self.stamp, "pneumo stamp")
+        except UserError:
+            return []
+        if not (isinstance(data, dict) and data.get("job") == self.job):
+            return []
+        return [str(s) for s in data.get("sha256", [])]
+
+    def check(self) -> None:
+        """Raises OutputError unless the path is free or holds this job's unedited output."""
+        if self.path.is_dir():
+            raise OutputError(f"{self.path} is a folder; give a file path")
+        if not (self.path.exists() or self.path.is_symlink()):
+            return
+        if files.file_sha256(self.path) not in self._stamped():
+            raise OutputError(
+                f"{self.path} exists and is not an unedited output of pneumo's {self.job} job "
+                f"(it has no stamp {self.stamp.name} beside it, or was changed since); not "
+                f"replacing it. Choose another path, or move the file away")
+
+    @contextlib.contextmanager
+    def replacing(self) -> Iterator[Path]:
+        """Yields a partial path; on success it replaces the file, stamped as this job's."""
+        self.check()
+        old = self._stamped() if self.path.exists() else []
+        with files.replacing(self.path) as tmp:
+            yield tmp
+            new = files.file_sha256(tmp)
+            files.write_json(self.stamp, {"job": self.job, "sha256": sorted({*old, new})})
+        files.write_json(self.stamp, {"job": self.job, "sha256": [new]})

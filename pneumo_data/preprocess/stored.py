@@ -8,9 +8,11 @@ rather than :func:`decode_stored` directly.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from pneumo_data.preprocess.exif import ORIENTATION_TAG, exif_orientation, orient
 from pneumo_data.preprocess.spec import (
@@ -60,8 +62,6 @@ def pil_bilinear_resize(gray: np.ndarray, height: int, width: int) -> np.ndarray
     Pillow version (Pillow <= 12 always went horizontal first) and equal to
     :func:`pil_bilinear_resize_tf`.
     """
-    from PIL import Image
-
     image = Image.fromarray(np.ascontiguousarray(gray, np.uint8), "L")
     if image.size[0] != width:
         image = image.resize((width, image.size[1]), Image.Resampling.BILINEAR)
@@ -89,6 +89,22 @@ def _pil_resize(gray: np.ndarray, size: int, mode: str) -> np.ndarray:
 
 
 
+_OPEN_LOCK = threading.Lock()
+
+
+def _open(data: bytes):
+    """``Image.open`` (the header only) with Pillow's own decompression-bomb limit lifted:
+    ``max_pixels`` governs, checked right after (a ``--max_pixels`` above Pillow's
+    89,478,485 must admit such images). Pillow's limit is a module global, so the lift and
+    its restore happen under a lock; decoding proper runs outside it."""
+    with _OPEN_LOCK:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(io.BytesIO(data))
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
 def decode_stored(data: bytes, spec: PreprocessSpec = DEFAULT_SPEC) -> np.ndarray:
     """Stage (a) with Pillow: encoded bytes -> uint8 ``[S, S]`` (what ingest stores).
 
@@ -98,15 +114,13 @@ def decode_stored(data: bytes, spec: PreprocessSpec = DEFAULT_SPEC) -> np.ndarra
     Raises:
       DecodeError: empty, truncated, non-image, too large or unsupported input.
     """
-    from PIL import Image, UnidentifiedImageError
-
     if not data:
         raise DecodeError("empty file (0 bytes)")
     size = spec.stored_size
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = _open(data)
             width, height = image.size
             if width * height > spec.max_pixels:
                 raise DecodeError(

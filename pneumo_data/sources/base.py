@@ -108,6 +108,8 @@ class SourceScan:
     preset: str = "kaggle"
     label_options: dict[str, Any] | None = None
     inputs: tuple[Path, ...] = ()   # label tables and split lists (absolute paths)
+    label_values: dict[str, dict[str, int]] | None = None  # value -> {class or dropped: rows}
+    label_warnings: tuple[str, ...] = ()  # values that look mislabelled (see csv_labels)
 
     def summary(self) -> dict[str, dict[str, int]]:
         """Counts of row statuses and of file statuses (``labelled`` for ``files``)."""

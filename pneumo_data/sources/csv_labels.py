@@ -40,6 +40,7 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import difflib
 import os
 import re
 from pathlib import Path
@@ -451,11 +452,47 @@ def find_labelled(source_dir: str | os.PathLike, config: CsvLabelConfig,
     files.sort(key=lambda f: f.relpath)
     inputs = [_table_path(source_dir, t) for t in config.tables]
     inputs += [source_dir / list_file for _, list_file in config.split_lists]
+    values, warnings = label_value_report(rows, config)
     return SourceScan(
         files=files, ignored=sorted(ignored, key=lambda i: i.relpath),
         unused=[outcomes[k] for k in sorted(outcomes) if outcomes[k] is not None],
         rows=[r.outcome() for r in rows], preset=preset, label_options=config.to_dict(),
-        inputs=tuple(inputs))
+        inputs=tuple(inputs), label_values=values, label_warnings=tuple(warnings))
+
+
+def label_value_report(rows, config: CsvLabelConfig) -> tuple[dict, list[str]]:
+    """Per distinct label value (as the table spells it), how many rows went to each class
+    (or were dropped); and a warning for every value that went to ``normal`` although it
+    looks like a positive value (a typo such as "Pnuemonia", or "pneumonia?"), which happens
+    silently when ``negative_values`` is not given (every other value is negative)."""
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for row in rows:
+        counts[row.value.strip() or BLANK][row.label or "dropped"] += 1
+    positive = [normalise_value(v) for v in config.positive_values]
+    warnings = []
+    for value, by_outcome in sorted(counts.items()):
+        near = _near(normalise_value(value), positive)
+        if by_outcome.get("normal") and near is not None:
+            warnings.append(
+                f"label value {value!r} ({by_outcome['normal']} row(s)) counted as normal, but "
+                f"it looks like the positive value {near!r}: a typo? Add it to "
+                f"--positive_values, or list the negative values (--negative_values) so that "
+                f"anything else is dropped and reported")
+    return {value: dict(sorted(c.items())) for value, c in sorted(counts.items())}, warnings
+
+
+def _near(value: str, positives: list[str]) -> str | None:
+    """The positive value ``value`` is close to (but not equal to), or None."""
+    if not value or value in positives:
+        return None
+    for positive in positives:
+        if len(positive) < 3:  # "1", "yes": too short to judge spelling
+            continue
+        squeezed = re.sub(r"[^a-z0-9]", "", value)
+        if positive in value or squeezed == re.sub(r"[^a-z0-9]", "", positive) or \
+                difflib.SequenceMatcher(None, value, positive).ratio() >= 0.8:
+            return positive
+    return None
 
 
 BLANK = "<blank>"  # how a flag names the empty cell, e.g. --negative_values=0,<blank>
