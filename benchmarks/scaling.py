@@ -46,6 +46,7 @@ from absl import app, flags
 
 from benchmarks import common
 from pneumo_data import synthetic
+from pneumo_data.common.jobs import import_tensorflow
 from pneumo_data.prepare import PrepareConfig, prepare
 
 flags.DEFINE_string("model", "manual_cnn", "Model to train.")
@@ -228,6 +229,7 @@ def _combine(results: list[dict]) -> dict:
 
 def main(argv):
     del argv
+    import_tensorflow()  # TensorFlow's start-up and C++ INFO lines filtered (see jobs)
     if FLAGS.cell:
         print(json.dumps(run_cell(json.loads(FLAGS.cell))), flush=True)
         return

@@ -33,6 +33,7 @@ from absl import app, flags
 
 from benchmarks import common
 from benchmarks.common import OLD_AUGMENTATION, class_root
+from pneumo_data.common.jobs import import_tensorflow
 
 flags.DEFINE_integer("repeats", 3, "Timed repeats per row.")
 flags.DEFINE_float("seconds", 3.0, "Minimum seconds per timed repeat.")
@@ -168,7 +169,7 @@ def augmentation_alone(size: int, batch: int, seconds: float, repeats: int) -> d
 
 def main(argv):
     del argv
-    import tensorflow as tf  # noqa: F401
+    import_tensorflow()  # TensorFlow's start-up and C++ INFO lines filtered (see jobs)
 
     from pneumo_data import synthetic
     source_dir = FLAGS.source_dir or str(synthetic.default_dataset_dir())

@@ -21,6 +21,7 @@ import time
 from absl import app, flags
 
 from benchmarks import common
+from pneumo_data.common.jobs import import_tensorflow
 
 flags.DEFINE_list("models", ["bn_cnn", "manual_cnn", "vgg16", "resnet50"],
                   "Models to time.")
@@ -96,6 +97,7 @@ def run_cell(name, precision, jit, data_dir, size, batch, flags_) -> dict:
 
 def main(argv):
     del argv
+    import_tensorflow()  # TensorFlow's start-up and C++ INFO lines filtered (see jobs)
     from pathlib import Path
 
     from pneumo_data import synthetic

@@ -179,6 +179,14 @@ def load_manifest(data_dir: str | os.PathLike) -> Manifest:
     if not data_dir.is_dir():
         raise ManifestError(f"data_dir {data_dir} does not exist or is not a folder")
     if not path.exists():
+        if _holds_images(data_dir):
+            real = data_dir.resolve()
+            prepared = real.with_name(real.name + "-prepared") if real.name else "<new folder>"
+            raise ManifestError(
+                f"{data_dir} holds images, not a prepared dataset (no {MANIFEST_NAME}). Train "
+                f"on it with --source_dir={data_dir} (prepared into MODEL_DIR/data on the "
+                f"way), or prepare it once: python -m pneumo_data.prepare "
+                f"--source_dir={data_dir} --output_dir={prepared}")
         raise ManifestError(
             f"{data_dir} has no {MANIFEST_NAME}: it is not a prepared dataset (or its "
             f"preparation did not finish). Run: python -m pneumo_data.prepare "
@@ -189,6 +197,21 @@ def load_manifest(data_dir: str | os.PathLike) -> Manifest:
         raise ManifestError(f"{path} is not valid JSON: {error}") from None
     _check_schema(path, data)
     return Manifest(data_dir=data_dir, data=data)
+
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm", ".dicom", ".bmp", ".tif", ".tiff")
+
+
+def _holds_images(folder: Path, depth: int = 3) -> bool:
+    """True when image files (or NORMAL/PNEUMONIA folders) sit within ``depth`` levels."""
+    for root, dirs, names in os.walk(folder):
+        level = len(Path(root).relative_to(folder).parts)
+        if any(d.upper() in ("NORMAL", "PNEUMONIA") for d in dirs) or \
+                any(n.lower().endswith(_IMAGE_SUFFIXES) for n in names):
+            return True
+        if level >= depth - 1:
+            dirs[:] = []
+    return False
 
 
 def write_manifest(out, data: dict[str, Any]) -> Path:

@@ -80,6 +80,13 @@ class Plan:
     leakage: list[str]            # non-empty only with allow_leakage
     ignored: list[sources.Ignored]
 
+    def planned_counts(self) -> dict[str, dict[str, int]]:
+        """Files to be written per split and class, before decoding (some may still fail)."""
+        counts = {name: dict.fromkeys(sources.CLASSES, 0) for name in self.split_names}
+        for group in self.groups:
+            counts[group.split][group.label] += len(group.entries)
+        return counts
+
     def duplicates(self) -> dict[str, list[list[str]]]:
         by_hash: dict[str, list[Entry]] = collections.defaultdict(list)
         for e in self.entries:
@@ -110,12 +117,13 @@ def source_fingerprint(found: list[sources.SourceFile] | sources.SourceScan) -> 
     digest = hashlib.sha256()
     for f in scan.files if scan else found:
         size = f.path.stat().st_size if f.skip_reason is None else -1
-        digest.update(f"{f.relpath}\0{size}\n".encode())
+        digest.update(f"{f.relpath}\0{size}\n".encode("utf-8", "surrogateescape"))
     if scan is not None:
         for u in scan.unused:
-            digest.update(f"{u.relpath}\0{u.status}\n".encode())
+            digest.update(f"{u.relpath}\0{u.status}\n".encode("utf-8", "surrogateescape"))
         for index, path in enumerate(scan.inputs):
-            digest.update(f"{index}\0{path.name}\0{file_sha256(path)}\n".encode())
+            digest.update(f"{index}\0{path.name}\0{file_sha256(path)}\n".encode(
+                "utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 

@@ -45,11 +45,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from pneumo_data import __version__, beam_writer, manifest, sources, synthetic
 from pneumo_data.common.config import config_to_dict, group, option
 from pneumo_data.common.errors import UserError
 from pneumo_data.common.files import file_sha256
-from pneumo_data.common.jobs import import_tensorflow
+from pneumo_data.common.jobs import import_tensorflow, show_progress
 from pneumo_data.common.outputs import OutputDir
 from pneumo_data.plan import Plan, make_plan, source_fingerprint
 from pneumo_data.preprocess import DEFAULT_MAX_PIXELS, RESIZE_MODES, PreprocessSpec
@@ -148,11 +150,13 @@ class PrepareConfig:
 
 
 def _progress(enabled: bool):
-    """``wrap(iterable, total, description)``: a tqdm bar, or the iterable itself."""
+    """``wrap(iterable, total, description)``: a tqdm bar, or the iterable itself. Bars are
+    drawn only when asked (``--progress``), on a terminal, and not with ``--verbosity=-1``."""
+    enabled = enabled and show_progress()
+
     def wrap(iterable, total: int, desc: str):
         if not enabled:
             return iterable
-        from tqdm import tqdm
         return tqdm(iterable, total=total, desc=desc, unit="img", dynamic_ncols=True)
     return wrap
 
@@ -239,16 +243,33 @@ def _summary_table(data: dict[str, Any], seconds: float) -> str:
     return "\n".join(lines)
 
 
-def _check_counts(counts: dict[str, dict[str, int]], plan: Plan) -> None:
+def _check_counts(counts: dict[str, dict[str, int]], plan: Plan, written: bool) -> None:
+    """Refuses a plan (before writing) or a written output (after decoding) whose train split
+    lacks a class, naming why its files were skipped; warns for other splits."""
     for split_name in plan.split_names:
         missing = [label for label in sources.CLASSES if counts[split_name][label] == 0]
         if missing and split_name == "train":
-            raise PrepareError(f"the train split has no {', '.join(missing)} images after "
-                               f"skipping unreadable files; nothing usable to train on")
-        if missing:
+            raise PrepareError(
+                f"the train split has no {', '.join(missing)} images"
+                f"{' after decoding' if written else ''}: {_why_missing(plan, missing)}; "
+                f"nothing usable to train on")
+        if missing and written:
             log.warning("split %s has no %s images: too few patients for the requested "
                         "fractions; training and evaluation need both classes there",
                         split_name, " or ".join(missing))
+
+
+def _why_missing(plan: Plan, labels: list[str]) -> str:
+    """What became of the files of ``labels``: the skip reasons, most frequent first."""
+    reasons = collections.Counter(e.reason.split(":")[0] for e in plan.entries
+                                  if e.source.label in labels and e.status == "skipped")
+    if not reasons:
+        return f"the source has no {' or '.join(labels)} files for it"
+    shown = "; ".join(f"{n} {reason}" for reason, n in reasons.most_common(3))
+    top = reasons.most_common(1)[0][0]
+    example = next(e for e in plan.entries if e.source.label in labels
+                   and e.status == "skipped" and e.reason.split(":")[0] == top)
+    return f"its files were skipped ({shown}), e.g. {example.source.relpath}: {example.reason}"
 
 
 def dataset_name(config: PrepareConfig, preset: str) -> str:
@@ -335,15 +356,21 @@ def _prepare_into(out: OutputDir, config: PrepareConfig, scan: sources.SourceSca
     start = time.perf_counter()
     workers = config.num_workers or os.cpu_count() or 1
     plan = make_plan(scan, config, workers, _progress(config.progress), log)
+    _check_counts(plan.planned_counts(), plan, written=False)  # before any shard is written
     if config.runner == "beam":
         shard_table, counts = beam_writer.write_shards(plan, out, config)
     else:
         total = sum(len(g.entries) for g in plan.groups)
-        bar = _progress(config.progress)(None, total, "decoding") if config.progress else None
+        bar = tqdm(total=total, desc="decoding", unit="img", dynamic_ncols=True) \
+            if config.progress and show_progress() else None
         shard_table, counts = shard_writer.write_shards(plan, out, config, workers, bar)
         if bar is not None:
             bar.close()
-    _check_counts(counts, plan)
+    try:
+        _check_counts(counts, plan, written=True)
+    except PrepareError:
+        out.clear()  # this run's shards: an output that cannot be used is not left behind
+        raise
     seconds = time.perf_counter() - start
     data = manifest_data(config, scan, fingerprint, plan, shard_table, counts, seconds, version)
     tfds_metadata.write_tfds_metadata(out, data)  # derived from the manifest, written before it

@@ -153,14 +153,16 @@ def check_port_free(port: int) -> None:
     """Raises ServiceError when another program listens on ``port`` (0: any free port).
 
     TensorFlow's gRPC servers bind with SO_REUSEPORT, so a second dispatcher on the same port
-    would start too and the clients be split between the two; a plain bind (without it)
-    fails while any other socket holds the port.
+    would start too and the clients be split between the two; a bind without it fails while
+    another socket listens on the port. SO_REUSEADDR (which gRPC sets too) lets the port be
+    taken again while a killed server's connections linger in TIME_WAIT.
     """
     if port == 0:
         return
     for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
         try:
             with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind((host, port))
         except OSError as error:
             if error.errno == errno.EADDRINUSE:

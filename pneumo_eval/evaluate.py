@@ -54,10 +54,8 @@ def evaluate(config: EvaluateConfig) -> list[dict[str, Any]]:
     except ValueError as error:
         raise EvaluateError(str(error)) from None
     dirs = [Path(d) for d in config.model_dir]
-    for d in dirs:
-        if not RunDir(d).model_path.exists():
-            raise EvaluateError(f"{d} has no {RunDir(d).model_path.name} (is the training "
-                                f"finished?)")
+    for d in dirs:  # every model, its data and the split, before anything is written
+        RunDir(d).evaluation_data(config.data_dir, config.split, EvaluateError)
     several = len(dirs) > 1
     if several and not config.output_dir:
         raise EvaluateError("several --model_dir need an --output_dir for the reports and "
@@ -65,28 +63,27 @@ def evaluate(config: EvaluateConfig) -> list[dict[str, Any]]:
     if several and len({d.name for d in dirs}) < len(dirs):
         raise EvaluateError("the model_dirs must have different folder names (each gets a "
                             "subfolder of --output_dir named after it)")
-    # The job's TensorFlow half, loaded once the options and folders have been checked.
-    import_tensorflow()
-    from pneumo_eval.evaluation import evaluate_model
-
-    reports = []
-    if several:
-        with OutputDir(config.output_dir, job="evaluate") as out:
-            for d in dirs:
-                out.subdir(d.name)
-                log.info("evaluating %s on %s -> %s", d, config.split, out.path / d.name)
-                reports.append(evaluate_model(d, config, out, prefix=f"{d.name}/"))
-                print(report_lib.markdown(reports[-1]), flush=True)
-            out.write_text("comparison.md", report_lib.comparison_markdown(reports))
-            out.write_text("comparison.json", json.dumps(reports, indent=1) + "\n")
-        print(report_lib.comparison_markdown(reports))
-        return reports
     target = Path(config.output_dir) if config.output_dir \
         else RunDir(dirs[0]).eval_dir(config.split)
-    with OutputDir(target, job="evaluate") as out:
-        log.info("evaluating %s on %s -> %s", dirs[0], config.split, out.path)
-        reports.append(evaluate_model(dirs[0], config, out))
-    print(report_lib.markdown(reports[-1]), flush=True)
+    reports = []
+    with OutputDir(target, job="evaluate") as out:  # locked before TensorFlow loads
+        # The job's TensorFlow half, loaded once the options and folders have been checked.
+        import_tensorflow()
+        from pneumo_eval.evaluation import evaluate_model
+
+        if not several:
+            log.info("evaluating %s on %s -> %s", dirs[0], config.split, out.path)
+            reports.append(evaluate_model(dirs[0], config, out))
+            print(report_lib.markdown(reports[-1]), flush=True)
+            return reports
+        for d in dirs:
+            out.subdir(d.name)
+            log.info("evaluating %s on %s -> %s", d, config.split, out.path / d.name)
+            reports.append(evaluate_model(d, config, out, prefix=f"{d.name}/"))
+            print(report_lib.markdown(reports[-1]), flush=True)
+        out.write_text("comparison.md", report_lib.comparison_markdown(reports))
+        out.write_text("comparison.json", json.dumps(reports, indent=1) + "\n")
+    print(report_lib.comparison_markdown(reports))
     return reports
 
 

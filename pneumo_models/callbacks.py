@@ -158,9 +158,10 @@ class Resume(keras.callbacks.Callback):
     comes from the code, not from a saved config."""
 
     def __init__(self, out, run_dir, phase: int, guard: NaNGuard,
-                 budget: TimeBudget | None = None):
+                 budget: TimeBudget | None = None, extra: dict | None = None):
         super().__init__()
         self.out, self.run_dir, self.phase, self.guard = out, run_dir, phase, guard
+        self.extra = dict(extra or {})
         self.folder = RESUME
         self.budget = budget
 
@@ -177,7 +178,7 @@ class Resume(keras.callbacks.Callback):
                 os.replace(named, tmp)
             finally:
                 named.unlink(missing_ok=True)
-        state = {"epoch": epoch, "phase": self.phase, "weights": name}
+        state = {"epoch": epoch, "phase": self.phase, "weights": name, **self.extra}
         if self.budget is not None:
             state.update(plan=self.budget.plan, seconds=self.budget.seconds)
         self.run_dir.write_resume_state(self.out, state)

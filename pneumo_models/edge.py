@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumo_data.common.errors import UserError
+from pneumo_data.common.jobs import filtered_stderr
 
 
 class LiteRTModel:
@@ -38,7 +39,9 @@ class LiteRTModel:
         if not self.path.is_file():
             raise UserError(f"LiteRT model {self.path} does not exist")
         try:
-            self._interpreter = Interpreter(model_path=str(self.path), num_threads=num_threads)
+            with filtered_stderr():  # its "Created ... XNNPACK delegate" line on every load
+                self._interpreter = Interpreter(model_path=str(self.path),
+                                                num_threads=num_threads)
         except ValueError as error:
             raise UserError(f"{self.path} is not a LiteRT flatbuffer ({error})") from None
         self._input = self._interpreter.get_input_details()[0]
@@ -51,7 +54,8 @@ class LiteRTModel:
                             f"not written by pneumo_models.litert")
         self.stored_size = shape[1]
         self._batch = shape[0]
-        self._interpreter.allocate_tensors()
+        with filtered_stderr():
+            self._interpreter.allocate_tensors()
 
     def ops(self) -> list[str]:
         """The builtin op names in the flatbuffer."""
@@ -61,7 +65,8 @@ class LiteRTModel:
         if batch != self._batch:
             self._interpreter.resize_tensor_input(
                 self._input["index"], [batch, self.stored_size, self.stored_size, 1])
-            self._interpreter.allocate_tensors()
+            with filtered_stderr():
+                self._interpreter.allocate_tensors()
             self._batch = batch
 
     def predict(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:

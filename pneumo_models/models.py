@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import zipfile
 from pathlib import Path
 
@@ -49,48 +48,18 @@ from pneumo_models.layers import Preprocess
 from pneumo_models.precision import dtype_policy
 from pneumo_models.recipes import network_zoom
 
-BACKBONES = {
-    "vgg16": ("VGG16", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-              "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"),
-    "resnet50": ("ResNet50", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                 "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"),
-}
-
-
-class WeightsUnavailableError(UserError):
-    """ImageNet weights are neither cached nor downloadable here."""
-
-
-def keras_cache_dir() -> Path:
-    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
-
-
-def _network_reachable(host: str, timeout: float = 3.0) -> bool:
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+# WeightsUnavailableError is re-exported: callers catch models.WeightsUnavailableError.
+from pneumo_models.weights import BACKBONES, WeightsUnavailableError, imagenet_source  # noqa: F401
 
 
 def imagenet_weights_file(name: str) -> str:
-    """Path of the cached ImageNet ``notop`` file, downloading only if reachable.
-
-    Raises WeightsUnavailableError at once (no hanging download) when the file
-    is not cached and the host cannot be reached, saying where to put it.
-    """
-    _, filename, base_url = BACKBONES[name]
-    cached = keras_cache_dir() / filename
+    """Path of the cached ImageNet ``notop`` file, downloading only if reachable (see
+    :func:`pneumo_models.weights.imagenet_source`, which the training job also calls before
+    it writes anything)."""
+    cached, url = imagenet_source(name)
     if cached.exists():
         return str(cached)
-    host = base_url.split("/")[2]
-    if not _network_reachable(host):
-        raise WeightsUnavailableError(
-            f"ImageNet weights for {name} are not cached and {host} cannot be reached. "
-            f"Offline: download {base_url}{filename} elsewhere and place it at {cached} "
-            f"(or set KERAS_HOME), or pass --weights=/path/to/{filename}; "
-            f"--weights=none trains from scratch.")
-    return keras.utils.get_file(filename, base_url + filename, cache_subdir="models")
+    return keras.utils.get_file(cached.name, url, cache_subdir="models")
 
 
 def default_augmentation(name: str) -> AugmentConfig:

@@ -235,16 +235,18 @@ class RunDir:
         out.write_json(CONFIG, identity)
         out.write_text(FLAGS, flagfile)
 
-    def claim_previous(self, out, identity: dict[str, Any], overwrite: bool) -> bool:
+    def claim_previous(self, out, identity: dict[str, Any], overwrite: bool,
+                       same=None) -> bool:
         """Decides what an earlier run in this folder means for a run of ``identity``: True
         when the folder holds this very run complete (nothing to do); False when it holds
         nothing, or this run unfinished (it resumes), or another run that ``overwrite``
         allowed to be cleared (only the training job's own files are deleted). Raises
-        RunDirError for another run without ``overwrite``."""
+        RunDirError for another run without ``overwrite``. ``same(recorded identity)``
+        decides whether the recorded run is this one (default: equal identities)."""
         existing = self.config()
         if existing is None:
             return False
-        if existing != identity:
+        if not (same(existing) if same is not None else existing == identity):
             if not overwrite:
                 diff = ", ".join(_diff(existing, identity))
                 raise RunDirError(
@@ -315,6 +317,14 @@ class RunDir:
             state = read_json(path, "resume state")
             if not state.get("finished"):
                 out.write_json(STATE, {**state, "finished": True})
+
+    def recorded_data_splits(self) -> dict[str, str] | None:
+        """The data identity the run recorded (:meth:`Manifest.split_digests` of its training
+        data): in run.json once complete, else in the resume state; None before either."""
+        if self.is_complete():
+            return self.record().data_splits
+        path = self.path / STATE
+        return read_json(path, "resume state").get("data_splits") if path.exists() else None
 
     def phase2_start(self) -> int:
         return int(read_json(self.path / PHASE2, "resume state")["start"])

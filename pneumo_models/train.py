@@ -108,6 +108,7 @@ from pneumo_models.config import (
 )
 from pneumo_models.recipes import RECIPES
 from pneumo_models.rundir import DATA, RunDir, RunDirError
+from pneumo_models.weights import BACKBONES, imagenet_source
 
 log = logging.getLogger("pneumo.train")
 
@@ -250,6 +251,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """
     # ---- 1. Checks, before anything is written and before TensorFlow loads.
     config.validate()
+    if config.network.model in BACKBONES and config.network.weights in ("auto", "imagenet"):
+        imagenet_source(config.network.model)  # offline and not cached: one line, now
     if config.source_dir:  # a wrong folder fails before anything is created
         presets.detect(Path(config.source_dir))
     given = None
@@ -268,7 +271,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     alone = d.strategy != "multi_worker"  # in a cluster, errors wait for the workers to agree
     complete, error = False, None
     if run.path.exists():  # a busy folder or another run is refused before TensorFlow loads
-        complete, error = _open_run_folder(run, out, config, chief)
+        complete, error = _open_run_folder(run, out, config, chief, given)
         if error is not None and alone:
             out.close()
             raise error
@@ -284,7 +287,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if d.data_service:  # a dispatcher with workers hands out data within the timeout
             check_service(d.data_service, d.data_service_timeout)
         if not out.is_open and error is None:  # a new folder: created now, checks passed
-            complete, error = _open_run_folder(run, out, config, chief)
+            complete, error = _open_run_folder(run, out, config, chief, given)
             if error is not None and alone:
                 raise error
         complete, run_id = cluster.agree(strategy, task, complete, error)
@@ -321,7 +324,31 @@ def train(config: TrainConfig) -> dict[str, Any]:
             cluster.remove_scratch(out)
 
 
-def _open_run_folder(run: RunDir, out: OutputDir, config: TrainConfig, chief: bool):
+def _same_run(config: TrainConfig, given, run: RunDir):
+    """Whether a recorded run (its config.json) is this run: the same options; the model_dir
+    wherever it is now (a moved or copied run resumes); and the same data: its folder given
+    under the same resolved path, or moved but holding the splits the run recorded."""
+    current = config.identity()
+    paths = ("model_dir", "data_dir", "source_dir")
+
+    def resolved(identity, key):
+        value = identity.get(key)
+        return None if value is None else Path(value).resolve()
+
+    def same(recorded: dict) -> bool:
+        if {k: v for k, v in recorded.items() if k not in paths} != \
+                {k: v for k, v in current.items() if k not in paths}:
+            return False
+        if all(resolved(recorded, k) == resolved(current, k) for k in paths[1:]):
+            return True
+        moved = run.recorded_data_splits()
+        return given is not None and moved is not None and moved == given.split_digests()
+
+    return same
+
+
+def _open_run_folder(run: RunDir, out: OutputDir, config: TrainConfig, chief: bool,
+                     given=None):
     """Locks the run folder and decides what is in it: (complete, error). The chief finds
     this run complete, unfinished (it resumes) or another run (refused without
     --overwrite); another worker clears its earlier scratch (its state comes from the
@@ -331,7 +358,8 @@ def _open_run_folder(run: RunDir, out: OutputDir, config: TrainConfig, chief: bo
         if not chief:
             out.clear()
             return False, None
-        return run.claim_previous(out, config.identity(), config.overwrite), None
+        return run.claim_previous(out, config.identity(), config.overwrite,
+                                  same=_same_run(config, given, run)), None
     except RunDirError as error:
         return False, TrainError(str(error))
     except UserError as error:

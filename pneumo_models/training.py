@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from pneumo_data import reader
 from pneumo_data.common.files import file_sha256
+from pneumo_data.common.jobs import verbosity
 from pneumo_data.common.outputs import OutputDir
 from pneumo_models import callbacks as cb
 from pneumo_models import cluster, distribute, models, optim
@@ -91,7 +92,8 @@ def run(config, run_dir: RunDir, out: OutputDir, m, counts: dict[str, int], stra
     validation = _loop(model, strategy, numerics, inputs, config).eval_input(
         inputs.val_fn, num_examples=inputs.val_size, batch_size=config.pipeline.batch_size,
         shares=inputs.val_shares)
-    fit = _Fit(config, run_dir, out, strategy, numerics, inputs, validation, budget)
+    fit = _Fit(config, run_dir, out, strategy, numerics, inputs, validation, budget,
+               m.split_digests())
     finished = bool((state or {}).get("finished"))
     if phase == 1:
         # The budget stops the run at its plan; a plan saved after the first epoch only may
@@ -282,6 +284,7 @@ class _Fit:
     inputs: Inputs
     validation: EvalInput
     budget: cb.TimeBudget
+    data_splits: dict[str, str]
 
     def phase(self, model, phase_no: int, first: int, last: int) -> int:
         """Epochs ``first .. last-1`` of phase ``phase_no``; returns the epoch reached."""
@@ -296,12 +299,13 @@ class _Fit:
         ]
         if phase_no == 1:
             callbacks.append(self.budget)  # before Resume, which saves its plan
-        callbacks.append(cb.Resume(out, run_dir, phase_no, guard, self.budget))
+        callbacks.append(cb.Resume(out, run_dir, phase_no, guard, self.budget,
+                                   extra={"data_splits": self.data_splits}))
         if config.early_stopping_patience:
             callbacks.append(keras.callbacks.EarlyStopping(
                 monitor="val_auc", mode="max", patience=config.early_stopping_patience))
         chief = distribute.is_chief(self.strategy)
-        verbose = (1 if sys.stdout.isatty() else 2) if chief else 0
+        verbose = 0 if not chief or verbosity() < 0 else (1 if sys.stdout.isatty() else 2)
         history = _loop(model, self.strategy, self.numerics, self.inputs, config).fit(
             self.inputs.train_fn(phase_no, first), batch_size=batch,
             steps_per_epoch=self.inputs.steps, epochs=last, initial_epoch=first,

@@ -136,16 +136,28 @@ def test_predict_refuses_outputs_it_did_not_write_before_any_work(model_dirs, sy
     image = next((synthetic_source / "test" / "NORMAL").iterdir())
     mine = tmp_path / "mine.csv"
     mine.write_text("patient,notes\n1,keep\n")
-    for output, match in ((tmp_path, "is a folder"), (mine, "not a predictions CSV")):
+    # A hand-made file with predict's own header is not predict's either.
+    lookalike = tmp_path / "labels.csv"
+    lookalike.write_text("path,probability,decision,threshold,error\nx.jpeg,,pneumonia,,\n")
+    for output, match in ((tmp_path, "is a folder"), (mine, "not an unedited output"),
+                          (lookalike, "not an unedited output")):
         with pytest.raises(PredictError, match=match):
             predict(PredictConfig(model_dir=str(model_dirs[0]), input=str(image),
                                   output=str(output)))
     assert mine.read_text() == "patient,notes\n1,keep\n"
+    assert lookalike.read_text().endswith("x.jpeg,,pneumonia,,\n")
     first = predict(PredictConfig(model_dir=str(model_dirs[0]), input=str(image),
                                   output=str(tmp_path / "p.csv")))
     again = predict(PredictConfig(model_dir=str(model_dirs[0]), input=str(image),
                                   output=str(first), threshold=0.9))  # its own file: replaced
     assert "0.9" in again.read_text()
+    # A radiologist corrects a decision in predict's CSV: the next run keeps their file.
+    edited = again.read_text().replace("normal", "pneumonia").replace("0.9,", "0.9,checked ")
+    again.write_text(edited)
+    with pytest.raises(PredictError, match="not an unedited output"):
+        predict(PredictConfig(model_dir=str(model_dirs[0]), input=str(image),
+                              output=str(again)))
+    assert again.read_text() == edited
     (tmp_path / "report.txt").write_text("not json")
     proc = predict_cli(f"--model_dir={model_dirs[0]}", f"--input={image}",
                        f"--output={tmp_path / 'q.csv'}",

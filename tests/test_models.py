@@ -4,7 +4,7 @@ import pytest
 import tensorflow as tf
 
 from pneumo_data.common.errors import UserError
-from pneumo_models import models, precision
+from pneumo_models import models, precision, weights
 from pneumo_models.layers import Preprocess
 
 SIZE = 32
@@ -190,7 +190,7 @@ def test_weights_file_for_backbone_and_whole_model(tmp_path):
 
 def test_imagenet_offline_fails_fast_with_instructions(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    monkeypatch.setattr(models, "_network_reachable", lambda host, timeout=3.0: False)
+    monkeypatch.setattr(weights, "_network_reachable", lambda host, timeout=3.0: False)
     with pytest.raises(models.WeightsUnavailableError) as error:
         models.build_model("resnet50", image_size=SIZE, weights="imagenet")
     message = str(error.value)

@@ -50,6 +50,8 @@ class Server:
 
     def wait_ready(self):
         line = self.proc.stdout.readline()
+        while "registering with the dispatcher" in line:  # a worker says so first
+            line = self.proc.stdout.readline()
         assert "listening on grpc://" in line, line
         self.address = line.split()[-1]
         return self

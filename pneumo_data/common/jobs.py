@@ -46,6 +46,7 @@ _NOISE = (
     re.compile(r"^[IW]\d{4} [\d:. ]+\d+ \S+:\d+\] "),  # absl INFO / WARNING lines
     re.compile(r"^E\d{4} [\d:. ]+\d+ cuda_\w+\.cc:\d+\] failed call to cuInit"),
     re.compile(r"^To enable the following instructions: .*rebuild TensorFlow"),
+    re.compile(r"^INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.$"),  # LiteRT
 )
 _imported = False
 _verbosity = 0  # --verbosity of the job run_job runs
@@ -98,6 +99,17 @@ def import_tensorflow(verbosity: int | None = None):
     _imported = True
     _quiet_python_loggers()
     return tf
+
+
+def verbosity() -> int:
+    """The running job's ``--verbosity`` (0 outside a job)."""
+    return _verbosity
+
+
+def show_progress() -> bool:
+    """Whether a job may draw progress bars: on a terminal only (a log file or a pipe gets
+    none), and not under ``--verbosity=-1``."""
+    return sys.stderr.isatty() and _verbosity >= 0
 
 
 def _quiet_python_loggers() -> None:

@@ -86,6 +86,7 @@ class OutputDir:
         self.job = job
         self._fd: int | None = None
         self._entries: dict[str, dict[str, Any]] = {}
+        self._created = False
 
     # ------------------------------------------------------------------ open / close
 
@@ -101,6 +102,7 @@ class OutputDir:
             raise OutputError(f"{self.path} exists and is not a folder")
         self._refuse_foreign()  # before anything (even the lock file) is created
         try:
+            self._created = not self.path.exists()
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         except PermissionError as error:
@@ -126,10 +128,18 @@ class OutputDir:
             raise
 
     def close(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        """Releases the lock. A folder this job created and wrote nothing into (a check
+        failed after it was opened) is removed again, so no empty output is left behind."""
+        if self._fd is None:
+            return
+        if self._created and not self._entries:
+            with contextlib.suppress(OSError):
+                self.ledger_path.unlink(missing_ok=True)
+                (self.path / LOCK_NAME).unlink()
+                self.path.rmdir()  # only if empty: anything else written there stays
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
 
     @property
     def is_open(self) -> bool:

@@ -33,6 +33,18 @@ class SourceLayoutError(UserError):
     """The source folder is not in a layout this library understands."""
 
 
+def name_problem(relpath: str) -> str | None:
+    """Why a file cannot be ingested under its name, or None: a name that is not valid UTF-8
+    (bytes Python keeps as surrogates) cannot be recorded in a shard or a manifest."""
+    try:
+        relpath.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = relpath.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        return (f"file name is not valid UTF-8: rename {shown!r} (e.g. convmv -f latin1 -t "
+                f"utf8) to ingest it")
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class SourceFile:
     """One labelled file."""

@@ -26,6 +26,7 @@ expression (the first group of ``DEFAULT_PATIENT_ID_REGEX`` by default); for a D
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -38,6 +39,7 @@ from pneumo_data.sources.base import (
     SourceFile,
     SourceLayoutError,
     SourceScan,
+    name_problem,
     walk_once,
 )
 
@@ -153,6 +155,50 @@ def _walk(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
                                  "link to it); its files are listed once") for sub in repeated]
 
 
+def _file_problem(path: Path, folder: Path) -> str | None:
+    """Why the file under class folder ``folder`` is skipped, or None."""
+    if _is_hidden(path.name) or "__MACOSX" in path.relative_to(folder).parts:
+        return "hidden file (dot-file or __MACOSX), not an image"
+    if path.is_symlink() and not path.exists():
+        return f"dangling symbolic link (its target {os.readlink(path)} is missing)"
+    if not path.is_file():
+        return "not a regular file (device, socket or pipe)"
+    return None
+
+
+def _skip_second_copies(files: list[SourceFile], source_dir: Path) -> list[SourceFile]:
+    """A file reached twice, through a symbolic link inside a class folder (``NORMAL/loop ->
+    ..`` reaches ``PNEUMONIA/`` from ``NORMAL/``), is used once: under the path that needs no
+    link (else the first); the other copies are skipped with a reason naming the link, so
+    they are neither labelled by the wrong folder nor read twice."""
+    by_file: dict[Path, list[int]] = {}
+    for i, f in enumerate(files):
+        if f.skip_reason is None:
+            by_file.setdefault(f.path.resolve(), []).append(i)
+    out = list(files)
+    for real, indices in by_file.items():
+        if len(indices) < 2:
+            continue
+        keep = next((i for i in indices if files[i].path == real), indices[0])
+        for i in indices:
+            if i != keep:
+                out[i] = dataclasses.replace(files[i], skip_reason=(
+                    f"reached again through a symbolic link: the same file as "
+                    f"{files[keep].relpath}, through {_first_link(files[i].path, source_dir)} "
+                    f"(a link inside a class folder must not lead into another class)"))
+    return out
+
+
+def _first_link(path: Path, source_dir: Path) -> str:
+    """The first component of ``path`` under ``source_dir`` that is a symbolic link."""
+    current = source_dir
+    for part in path.relative_to(source_dir).parts:
+        current = current / part
+        if current.is_symlink():
+            return f"{current.relative_to(source_dir).as_posix()} -> {os.readlink(current)}"
+    return "(none)"
+
+
 def scan_sources(source_dir: str | os.PathLike,
                  patient_id_regex: str = DEFAULT_PATIENT_ID_REGEX) -> SourceScan:
     """Every file under the class folders of ``source_dir`` (sorted by relpath), and the
@@ -169,13 +215,7 @@ def scan_sources(source_dir: str | os.PathLike,
             ignored += [Ignored(p.relative_to(source_dir).as_posix(), why) for p, why in skipped]
             for path in paths:
                 relpath = path.relative_to(source_dir).as_posix()
-                reason = None
-                if _is_hidden(path.name) or "__MACOSX" in path.relative_to(folder).parts:
-                    reason = "hidden file (dot-file or __MACOSX), not an image"
-                elif path.is_symlink() and not path.exists():
-                    reason = f"dangling symbolic link (its target {os.readlink(path)} is missing)"
-                elif not path.is_file():
-                    reason = "not a regular file (device, socket or pipe)"
+                reason = name_problem(relpath) or _file_problem(path, folder)
                 patient, view = patient_id_from_name(path.name, pattern, relpath), None
                 if reason is None and patient.startswith("file:") and \
                         dicom_tags.may_be_dicom(path.name):
@@ -188,7 +228,7 @@ def scan_sources(source_dir: str | os.PathLike,
                     subtype=subtype_from_name(path.name, label), patient_id=patient,
                     official_split=split, skip_reason=reason, view=view))
     ignored += _ignored_entries(source_dir, levels, used)
-    files.sort(key=lambda f: f.relpath)
+    files = _skip_second_copies(sorted(files, key=lambda f: f.relpath), source_dir)
     if not [f for f in files if f.skip_reason is None]:
         raise SourceLayoutError(f"{source_dir}: the class folders hold no files")
     return SourceScan(files, sorted(ignored, key=lambda i: i.relpath), preset="kaggle",
