@@ -9,12 +9,13 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from pneumo_data import sources
+from pneumo_data import sources, synthetic
 from pneumo_data.common.errors import UserError
 from pneumo_data.common.files import replacing, write_text
 from pneumo_data.prepare import PrepareConfig, prepare
@@ -25,6 +26,33 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 OLD_AUGMENTATION = dict(rotation_range=15, width_shift_range=0.1, height_shift_range=0.1,
                         shear_range=0.1, zoom_range=0.1, horizontal_flip=True,
                         fill_mode="nearest")
+
+
+def run(main: Callable[[list[str]], Any]) -> None:
+    """``absl.app.run(main)`` as the jobs run: a :class:`UserError` (a missing folder, a result
+    file that is not ours) is one line on stderr and exit status 1, not a traceback."""
+    from absl import app
+
+    name = Path(sys.argv[0]).stem
+
+    def guarded(argv):
+        try:
+            return main(argv)
+        except UserError as error:
+            print(f"benchmarks.{name}: error: {error}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+
+    app.run(guarded)
+
+
+def source_dir(flag: str | None) -> str:
+    """``--source_dir``, or the embedded dataset when it is not given; a folder that does not
+    exist is refused here, before TensorFlow loads."""
+    if flag is None:
+        return str(synthetic.default_dataset_dir())
+    if not Path(flag).is_dir():
+        raise UserError(f"--source_dir {flag} does not exist or is not a folder")
+    return flag
 
 
 def class_root(source_dir: str) -> str:

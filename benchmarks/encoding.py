@@ -8,10 +8,10 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from benchmarks import common
-from pneumo_data import sources, synthetic
+from pneumo_data import sources
 from pneumo_data.common.jobs import import_tensorflow
 from pneumo_data.preprocess import PreprocessSpec, decode
 from pneumo_data.records import ENCODINGS, encode_image
@@ -25,10 +25,10 @@ FLAGS = flags.FLAGS
 
 
 def main(_):
+    source_dir = common.source_dir(FLAGS.source_dir)  # refused before TensorFlow loads
     tf = import_tensorflow()  # the benchmark's TensorFlow half: loaded here, once
     from pneumo_data.records_tf import decode_image
 
-    source_dir = FLAGS.source_dir or str(synthetic.default_dataset_dir())
     found = [f for f in sources.find_sources(source_dir) if f.skip_reason is None]
     step = max(1, len(found) // FLAGS.images)
     size = FLAGS.image_size
@@ -60,4 +60,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

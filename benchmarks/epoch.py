@@ -18,7 +18,7 @@ import math
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from benchmarks import common
 from benchmarks.common import OLD_AUGMENTATION, class_root
@@ -123,4 +123,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -204,4 +204,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["model_dir", "source_dir"])
-    app.run(main)
+    common.run(main)

@@ -38,10 +38,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from benchmarks import common, dicom_ingest
-from pneumo_data import beam_writer, sources, synthetic
+from pneumo_data import beam_writer, sources
 from pneumo_data.common.config import with_leaves
 from pneumo_data.common.jobs import import_tensorflow
 from pneumo_data.common.outputs import OutputDir
@@ -78,7 +78,7 @@ def _time_prepare(config: PrepareConfig) -> dict[str, float]:
 
 
 def folders_main():
-    source_dir = FLAGS.source_dir or str(synthetic.default_dataset_dir())
+    source_dir = common.source_dir(FLAGS.source_dir)
     results, rows = {}, []
     for workers in (1, 0):
         for fast_jpeg in (False, True):
@@ -195,7 +195,7 @@ def compare_runners(source_dir: str, runners: list[str], image_size: int, repeat
 
 
 def runners_main():
-    source_dir = FLAGS.source_dir or str(synthetic.default_dataset_dir())
+    source_dir = common.source_dir(FLAGS.source_dir)
     name = FLAGS.name or f"prepare-runners-{source_dir.rstrip('/').split('/')[-1]}"
     common.check_writable(*common.result_paths(name, FLAGS.output_dir))
     results = compare_runners(source_dir, FLAGS.runners, FLAGS.image_size, FLAGS.repeats)
@@ -209,6 +209,8 @@ def runners_main():
 
 
 def main(_):
+    if not FLAGS.dicom:
+        common.source_dir(FLAGS.source_dir)  # a missing folder is refused before TensorFlow
     import_tensorflow()  # import cost is start-up, not ingest
     if FLAGS.dicom:
         dicom_main()
@@ -219,4 +221,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -42,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from benchmarks import common
 from pneumo_data import synthetic
@@ -312,4 +312,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from benchmarks import common
 from pneumo_data.common.jobs import import_tensorflow
@@ -84,13 +84,7 @@ def _throughput(call, batch, repeats: int) -> dict:
 
 def main(argv):
     del argv
-    tf = import_tensorflow()  # the benchmark's TensorFlow half: loaded here, once
-    from pneumo_data.preprocess.model_input_tf import to_model_input
-    from pneumo_data.reader import eval_dataset
-    from pneumo_models.litert import float32_copy
-    from pneumo_models.models import load_model, predictor
-
-    run = RunDir(FLAGS.model_dir)
+    run = RunDir(FLAGS.model_dir)  # the checks first: a refusal does not wait for TensorFlow
     model_dir = run.path
     name = FLAGS.name or f"serving-{model_dir.name}"
     common.check_writable(*common.result_paths(name, FLAGS.output_dir))  # before measuring
@@ -99,6 +93,13 @@ def main(argv):
     spec = m.preprocess
     saved_model = run.saved_model_path
     meta = load_serving_meta(saved_model)
+
+    tf = import_tensorflow()  # the benchmark's TensorFlow half: loaded here, once
+    from pneumo_data.preprocess.model_input_tf import to_model_input
+    from pneumo_data.reader import eval_dataset
+    from pneumo_models.litert import float32_copy
+    from pneumo_models.models import load_model, predictor
+
     threshold = meta["threshold"]
     model = load_model(run.model_path)
     size = model_size(model)
@@ -185,4 +186,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["model_dir"])
-    app.run(main)
+    common.run(main)

@@ -29,7 +29,7 @@ import statistics
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from benchmarks import common
 from benchmarks.common import OLD_AUGMENTATION, class_root
@@ -232,4 +232,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
 
 from benchmarks import common
 from pneumo_data.common.jobs import import_tensorflow
@@ -154,4 +154,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

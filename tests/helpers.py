@@ -23,24 +23,33 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
        "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
-def job_env(env: dict | None = None) -> dict:
+# First on PYTHONPATH, a ``tensorflow`` package whose import fails (see its docstring).
+NO_TENSORFLOW = ROOT / "tests" / "no_tensorflow"
+
+
+def job_env(env: dict | None = None, tensorflow: bool = True) -> dict:
     """:data:`ENV` with ``env`` on top; a value of None removes the variable (e.g.
-    ``{"TF_CPP_MIN_LOG_LEVEL": None}`` for a test of what a user sees by default)."""
+    ``{"TF_CPP_MIN_LOG_LEVEL": None}`` for a test of what a user sees by default).
+    ``tensorflow=False``: importing TensorFlow fails (:data:`NO_TENSORFLOW`)."""
     merged = {**ENV, **(env or {})}
+    if not tensorflow:
+        merged["PYTHONPATH"] = os.pathsep.join([str(NO_TENSORFLOW), merged["PYTHONPATH"]])
     return {k: v for k, v in merged.items() if v is not None}
 
 
 def run_module(module: str, *args: str, timeout: float = 600, env: dict | None = None,
-               cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """``python -m module args`` in its own process: its exit status and its text output."""
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=job_env(env),
-                          capture_output=True, text=True, timeout=timeout)
+               cwd: Path = ROOT, tensorflow: bool = True) -> subprocess.CompletedProcess:
+    """``python -m module args`` in its own process: its exit status and its text output.
+    ``tensorflow=False`` for a job that must finish (or refuse) without loading TensorFlow."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd,
+                          env=job_env(env, tensorflow), capture_output=True, text=True,
+                          timeout=timeout)
 
 
-def run_code(code: str, *args: str, timeout: float = 600, env: dict | None = None
-             ) -> subprocess.CompletedProcess:
+def run_code(code: str, *args: str, timeout: float = 600, env: dict | None = None,
+             cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """``python -c code args`` in its own process."""
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=job_env(env),
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=job_env(env),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -50,6 +59,20 @@ def start_module(module: str, *args: str, env: dict | None = None, **popen) -> s
     popen.setdefault("stderr", subprocess.PIPE)
     return subprocess.Popen([sys.executable, "-u", "-m", module, *args], cwd=ROOT,
                             env=job_env(env), text=True, **popen)
+
+
+def read_line(proc: subprocess.Popen, timeout: float = 120) -> str:
+    """The next line ``proc`` prints on stdout, waiting at most ``timeout`` seconds (a server
+    that never says it is ready fails the test instead of hanging it)."""
+    import concurrent.futures
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        return pool.submit(proc.stdout.readline).result(timeout)
+    except concurrent.futures.TimeoutError:
+        proc.kill()  # ends the readline too
+        raise AssertionError(f"{proc.args} printed nothing within {timeout} s") from None
+    finally:
+        pool.shutdown(wait=False)
 
 
 def free_port() -> int:

@@ -4,6 +4,7 @@ They assert the structure of what is written, never a speed.
 """
 
 import json
+import re
 
 import pytest
 
@@ -12,8 +13,10 @@ from tests.helpers import run_module
 
 def run(module, tmp_path, *args):
     proc = run_module(module, f"--output_dir={tmp_path}", "--name=result", *args, timeout=900,
-                      env={"PNEUMO_CACHE": str(tmp_path / "cache")})
+                      env={"PNEUMO_CACHE": str(tmp_path / "cache"), "TF_CPP_MIN_LOG_LEVEL": None})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # As a user runs it (no log-level override): no TensorFlow C++ INFO lines.
+    assert not re.search(r"^I\d{4} |absl::InitializeLog", proc.stderr, re.M), proc.stderr[-3000:]
     payload = json.loads((tmp_path / "result.json").read_text())
     assert payload["environment"]["tensorflow"] and payload["environment"]["cores"] >= 1
     assert "| " in (tmp_path / "result.md").read_text()

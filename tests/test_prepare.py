@@ -1,8 +1,15 @@
+import fcntl
 import hashlib
 import json
 import os
+import pty
 import re
 import signal
+import struct
+import subprocess
+import sys
+import termios
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +20,14 @@ from pneumo_data import manifest, records_tf
 from pneumo_data.prepare import PrepareConfig, PrepareError, prepare
 from pneumo_data.split import LeakageError
 from pneumo_data.tfds.metadata import METADATA_FILES
-from tests.helpers import make_kaggle_tree, run_code, run_module, start_module, write_image
+from tests.helpers import (
+    job_env,
+    make_kaggle_tree,
+    run_code,
+    run_module,
+    start_module,
+    write_image,
+)
 
 
 def run(src, out, **kw):
@@ -335,6 +349,7 @@ def test_progress_output_reports_decode_rate_without_import_time(tmp_path):
     for noise in ("cuInit", "absl::InitializeLog", "oneDNN", "cuda drivers", "cpu_feature_guard"):
         assert noise not in proc.stderr, proc.stderr[-2000:]
     assert re.search(r"written (\d+) of \1 files in [\d.]+s \(\d+ img/s", proc.stdout), proc.stdout
+    assert "%|" not in proc.stderr and "img/s]" not in proc.stderr  # no bars off a terminal
 
 
 @pytest.mark.slow
@@ -349,3 +364,126 @@ def test_record_bytes_do_not_depend_on_the_process():
     assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
     digests = {r.stdout.strip() for r in runs}
     assert len(digests) == 1
+
+
+# ---------------------------------------------------------------- inputs that used to go wrong
+
+def test_a_file_name_that_is_not_utf8_is_skipped_with_its_reason(tmp_path):
+    src = kaggle_source(tmp_path)
+    odd = os.fsencode(src / "train" / "PNEUMONIA") + b"/person9008_bacteria_\xff\xfe.jpeg"
+    with open(odd, "wb") as handle:
+        handle.write((src / "train" / "PNEUMONIA" / "person1_virus_11.jpeg").read_bytes())
+    m = run(src, tmp_path / "out")
+    m.verify()
+    (row,) = [r for r in m.data["files"] if "person9008" in r["path"]]
+    assert row["status"] == "skipped" and "not valid UTF-8" in row["reason"]
+    json.dumps(m.data)  # the manifest stays valid JSON
+
+
+def test_a_symlink_loop_reaching_images_twice_skips_the_second_copies(tmp_path):
+    src = kaggle_source(tmp_path)
+    # NORMAL/loop -> .. : the train folder again, PNEUMONIA images now under NORMAL/ too.
+    (src / "train" / "NORMAL" / "loop").symlink_to("..", target_is_directory=True)
+    m = run(src, tmp_path / "out")
+    m.verify()
+    rows = {r["path"]: r for r in m.data["files"]}
+    again = [r for p, r in rows.items() if p.startswith("train/NORMAL/loop/")]
+    assert again and all(r["status"] == "skipped" for r in again)
+    assert all("reached again through a symbolic link" in r["reason"] for r in again)
+    first = rows["train/PNEUMONIA/person1_virus_11.jpeg"]
+    assert first["status"] == "written" and first["label"] == "pneumonia"
+    assert not [r for r in m.data["files"] if r["label"] == "normal"
+                and "PNEUMONIA" in r["path"] and r["status"] == "written"]
+
+
+def test_a_split_left_without_a_class_leaves_nothing_behind(tmp_path):
+    src = kaggle_source(tmp_path)
+    for split in ("train", "val"):  # every pneumonia image that could train: unreadable
+        for image in (src / split / "PNEUMONIA").iterdir():
+            image.write_bytes(b"not an image")
+    out = tmp_path / "out"
+    with pytest.raises(PrepareError, match="train split has no pneumonia images") as error:
+        run(src, out)
+    assert "62 not an image" in str(error.value)  # the cause, with an example file
+    assert "train/PNEUMONIA/person" in str(error.value)
+    assert not out.exists()  # no shards left behind
+
+
+def test_max_pixels_governs_above_pillows_own_bomb_limit(tmp_path):
+    from PIL import Image as PILImage
+    src = kaggle_source(tmp_path)
+    big = src / "train" / "NORMAL" / "IM-0900-0001.png"
+    pixels = np.zeros((9500, 9500), np.uint8)  # 90.25 Mpx: over Pillow's 89.48 Mpx
+    pixels[::64] = 200
+    PILImage.fromarray(pixels).save(big, compress_level=1)
+    del pixels
+    m = run(src, tmp_path / "default")
+    (row,) = [r for r in m.data["files"] if r["path"].endswith("IM-0900-0001.png")]
+    assert row["status"] == "skipped" and "--max_pixels" in row["reason"], row
+    m = run(src, tmp_path / "raised", max_pixels=200_000_000)
+    (row,) = [r for r in m.data["files"] if r["path"].endswith("IM-0900-0001.png")]
+    assert row["status"] == "written", row
+
+
+def test_csv_label_values_are_counted_and_near_misses_warned(tmp_path, caplog):
+    from pneumo_data.common.config import with_leaves
+    rows = [("n", "Normal"), ("p", "Pneumonia"), ("t", "Pnuemonia"), ("q", "pneumonia?")]
+    lines = ["file,finding"]
+    for k, (prefix, value) in enumerate(rows * 6):
+        name = f"img/{prefix}{k}.png"
+        write_image(tmp_path / "src" / name, value=70 if value == "Normal" else 180, seed=k)
+        lines.append(f"{name},{value}")
+    (tmp_path / "src" / "labels.csv").write_text("\n".join(lines) + "\n")
+    config = with_leaves(PrepareConfig(), source_dir=str(tmp_path / "src"),
+                         output_dir=str(tmp_path / "out"), image_size=32, progress=False,
+                         labels_csv="labels.csv", path_column="file", label_column="finding",
+                         positive_values="Pneumonia", val_fraction=0.2, test_fraction=0.2)
+    with caplog.at_level("WARNING"):
+        m = prepare(config)
+    assert m.data["source"]["label_values"] == {
+        "Normal": {"normal": 6}, "Pneumonia": {"pneumonia": 6},
+        "Pnuemonia": {"normal": 6}, "pneumonia?": {"normal": 6}}
+    warned = " ".join(m.data["source"]["label_warnings"])
+    assert "'Pnuemonia' (6 row(s)) counted as normal" in warned and "'pneumonia?'" in warned
+    assert "'Normal'" not in warned
+    assert "Pnuemonia" in caplog.text and "--negative_values" in caplog.text
+
+
+# ---------------------------------------------------------------- progress bars
+
+def _on_a_terminal(*args: str) -> tuple[int, str]:
+    """Runs prepare with its stderr on a pseudo-terminal; (exit status, what it showed)."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 wide
+    shown = bytearray()
+
+    def drain():
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the terminal closed
+                return
+            if not chunk:
+                return
+            shown.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    proc = subprocess.run([sys.executable, "-m", "pneumo_data.prepare", *args],
+                          stdout=subprocess.DEVNULL, stderr=follower, env=job_env(),
+                          timeout=300)
+    os.close(follower)
+    reader.join(10)
+    os.close(leader)
+    return proc.returncode, shown.decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_progress_bars_only_on_a_terminal_and_never_at_verbosity_minus_one(tmp_path):
+    src = kaggle_source(tmp_path)
+    code, shown = _on_a_terminal(f"--source_dir={src}", f"--output_dir={tmp_path / 'a'}",
+                                 "--image_size=32")
+    assert code == 0 and "img/s]" in shown, shown[-2000:]
+    code, shown = _on_a_terminal(f"--source_dir={src}", f"--output_dir={tmp_path / 'b'}",
+                                 "--image_size=32", "--verbosity=-1")
+    assert code == 0 and "img/s]" not in shown and "%|" not in shown, shown[-2000:]

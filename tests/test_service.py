@@ -9,7 +9,7 @@ import pytest
 
 import pneumo_data
 from pneumo_data.service import ServiceConfig, ServiceError, service_address
-from tests.helpers import free_port, run_module, start_module
+from tests.helpers import free_port, read_line, run_module, start_module
 
 # ---------------------------------------------------------------- options
 
@@ -49,9 +49,9 @@ class Server:
         self.address = None
 
     def wait_ready(self):
-        line = self.proc.stdout.readline()
+        line = read_line(self.proc)
         while "registering with the dispatcher" in line:  # a worker says so first
-            line = self.proc.stdout.readline()
+            line = read_line(self.proc)
         assert "listening on grpc://" in line, line
         self.address = line.split()[-1]
         return self
@@ -257,3 +257,62 @@ def test_a_killed_dispatcher_restarts_from_its_journal_and_the_job_goes_on(servi
             assert restarted.stop()[0] == 0
         dispatcher.stop()
     assert code == 0, out
+
+
+# ---------------------------------------------------------------- bounded waits, clean stops
+
+@pytest.mark.slow
+def test_a_second_dispatcher_on_a_dispatchers_port_is_refused(cluster):
+    port = cluster.rsplit(":", 1)[1]
+    proc = run_module("pneumo_data.service", "--role=dispatcher", f"--port={port}",
+                      timeout=60, tensorflow=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"service: error: port {port} is in use" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_worker_without_its_dispatcher_gives_up_after_the_timeout():
+    proc = run_module("pneumo_data.service", "--role=worker",
+                      f"--dispatcher_address=localhost:{free_port()}", "--dispatcher_timeout=2",
+                      timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "registering with the dispatcher" in proc.stdout and "giving up after 2 s" in proc.stdout
+    assert "service: error: nothing answered at" in proc.stderr
+    assert "--dispatcher_timeout" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_waiting_worker_stops_cleanly_on_sigterm_and_ctrl_c():
+    workers = {sig: start_module("pneumo_data.service", "--role=worker",
+                                 f"--dispatcher_address=localhost:{free_port()}")
+               for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for sig, proc in workers.items():
+            assert "registering with the dispatcher" in read_line(proc)
+            proc.send_signal(sig)
+        for sig, proc in workers.items():
+            out, err = proc.communicate(timeout=30)
+            assert proc.returncode == 0, (sig, err[-2000:])
+            assert "worker stopped before it started" in out and "Traceback" not in err
+    finally:
+        for proc in workers.values():
+            proc.kill()
+
+
+@pytest.mark.slow
+def test_training_against_a_dispatcher_without_workers_fails_within_the_timeout(service_data,
+                                                                                 tmp_path):
+    dispatcher = Server("--role=dispatcher", f"--port={free_port()}")
+    try:
+        dispatcher.wait_ready()
+        proc = run_module("pneumo_models.train", f"--data_dir={service_data}",
+                          f"--model_dir={tmp_path / 'run'}", "--image_size=32",
+                          f"--data_service={dispatcher.address}", "--data_service_timeout=3",
+                          "--precision=float32", timeout=180)
+    finally:
+        dispatcher.stop()
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "gave no data within 3 s" in proc.stderr and "worker" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()

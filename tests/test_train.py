@@ -25,7 +25,7 @@ def epochs_in(history: Path):
         return [int(row["epoch"]) for row in csv.DictReader(handle)]
 
 
-def train_killed(config, patch: str) -> None:
+def train_killed(config, patch: str, cwd: Path | None = None) -> None:
     """Runs the job on ``config`` in a subprocess after ``patch`` (Python source run first,
     which arranges a SIGKILL); asserts the process was killed."""
     code = (
@@ -35,7 +35,7 @@ def train_killed(config, patch: str) -> None:
         "import pneumo_models.train as t\n"
         f"{patch}"
         f"t.train(with_leaves(t.TrainConfig(), **{leaves(config)!r}))\n")
-    proc = run_code(code)
+    proc = run_code(code, cwd=cwd or Path.cwd())
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
 
 
@@ -372,3 +372,26 @@ def test_time_budget_replans_after_the_second_epoch_then_holds(monkeypatch):
     assert plans == [(3, 30, False), (5, 50, False), (5, 50, False), (5, 50, False),
                      (5, 50, True)]
     assert budget.record()["training_seconds"] == 300.0
+
+
+@pytest.mark.slow
+def test_a_run_resumes_under_other_spellings_of_its_paths_and_after_a_move(prepared, tmp_path,
+                                                                          monkeypatch):
+    import shutil
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(prepared, "data")
+    config = small("data", "run", epochs=3)  # relative paths, as typed
+    train_killed(config, KILL_AFTER_SECOND_EPOCH)
+    assert not Path("run/run.json").exists()
+    # The same folders as absolute paths, the run folder moved: it resumes (not "another run").
+    shutil.move("run", "moved")
+    run = train(small(tmp_path / "data", tmp_path / "moved", epochs=3))
+    assert epochs_in(tmp_path / "moved" / "history.csv") == [0, 1, 2]
+    assert len(run["history"]) == 3
+    # The data folder moved too: the run is found complete by its data's identity.
+    shutil.move("data", "data2")
+    again = train(small(tmp_path / "data2", tmp_path / "moved", epochs=3))
+    assert again["history"] == run["history"]
+    # Other options are still another run.
+    with pytest.raises(TrainError, match="--overwrite"):
+        train(small(tmp_path / "data2", tmp_path / "moved", epochs=4))

@@ -242,7 +242,7 @@ def _refuse_unusable(ds, max_pixels: int) -> str:
     if info.rows * info.columns > max_pixels:
         raise DicomDecodeError(
             f"image too large: {info.columns}x{info.rows} = {info.rows * info.columns} pixels "
-            f"> max_pixels {max_pixels}")
+            f"> max_pixels {max_pixels} (--max_pixels raises the limit)")
     photometric = (info.photometric or "").upper()
     if photometric not in _MONOCHROME + _COLOUR:
         raise DicomDecodeError(

@@ -125,7 +125,8 @@ def decode_stored(data: bytes, spec: PreprocessSpec = DEFAULT_SPEC) -> np.ndarra
             if width * height > spec.max_pixels:
                 raise DecodeError(
                     f"image too large: {width}x{height} = {width * height} pixels "
-                    f"> max_pixels {spec.max_pixels} (possible decompression bomb)")
+                    f"> max_pixels {spec.max_pixels} (possible decompression bomb; --max_pixels "
+                    f"raises the limit)")
             if width < 1 or height < 1:
                 raise DecodeError(f"image has no pixels ({width}x{height})")
             if image.format == "JPEG":
