@@ -101,6 +101,36 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> list[str]:
+    """The vector and matrix extensions of this CPU that decide TensorFlow's kernels (avx2,
+    avx512*, amx*), from /proc/cpuinfo (empty when unreadable)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return sorted(f for f in line.split(":", 1)[1].split()
+                              if f in ("avx2", "fma") or f.startswith(("avx512", "amx")))
+    except OSError:
+        pass
+    return []
+
+
+def machine_line() -> str:
+    """``CPU model, N cores, flags`` in one line, for every result table."""
+    flags = cpu_flags()
+    listed = ", ".join(flags) if flags else "no flags read"
+    no_512 = "" if any(f.startswith("avx512") for f in flags) else ", no AVX-512"
+    no_amx = "" if any(f.startswith("amx") for f in flags) else ", no AMX"
+    return f"{cpu_model()}, {os.cpu_count()} cores ({listed}{no_512}{no_amx})"
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages ("?" where unreadable)."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
 def environment() -> dict[str, Any]:
     """Device, versions, CPU and GPU facts recorded with every result."""
     import keras
@@ -116,7 +146,9 @@ def environment() -> dict[str, Any]:
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "cores": os.cpu_count(),
+        "load_average": load_average(),
         "device": "GPU" if gpus else "CPU",
         "gpus": gpu_names,
     }

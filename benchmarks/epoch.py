@@ -74,7 +74,7 @@ def pneumo_recipe(data_dir: str, size: int, batch: int, steps: int, epochs: int)
     seed = train_config("seed")
     model = build_model("manual_cnn", image_size=size, weights="none", precision=policy,
                         augment=seed.pipeline.augmentation, preprocessing="unit",
-                        augment_backend="gather" if jit else "kernel", seed=0)
+                        augment_backend="gather" if jit else "fused", seed=0)
     _compile(model, seed, 1e-3, jit)
     stream = train_dataset(data_dir, batch_size=batch, image_size=size)
     timer = _EpochTimer()

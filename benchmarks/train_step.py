@@ -71,7 +71,7 @@ def run_cell(name, precision, jit, data_dir, size, batch, flags_) -> dict:
     keras.backend.clear_session()
     common.reset_gpu_peak()
     model = build_model(name, image_size=size, weights="none", precision=precision,
-                        augment=True, augment_backend="gather" if jit else "kernel", seed=0)
+                        augment=True, augment_backend="gather" if jit else "fused", seed=0)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy",
                   jit_compile=jit)
     rng = np.random.default_rng(0)

@@ -97,7 +97,7 @@ def _bn_cnn(x, dropout: float):
 
 
 def build_model(name: str, *, image_size: int = 150, weights: str = "auto",
-                augment: bool | AugmentConfig | None = True, augment_backend: str = "kernel",
+                augment: bool | AugmentConfig | None = True, augment_backend: str = "fused",
                 precision: str = "float32", dropout: float | None = None,
                 preprocessing: str = "auto", crop: float = 0.0, seed: int | None = None
                 ) -> keras.Model:
@@ -106,7 +106,8 @@ def build_model(name: str, *, image_size: int = 150, weights: str = "auto",
     Args:
       augment: True (the default recipe's augmentation for this network, see
         :func:`default_augmentation`), an AugmentConfig, or False/None.
-      augment_backend: ``kernel`` or ``gather`` (use gather under XLA).
+      augment_backend: ``fused`` (uint8 batches in one XLA-compiled pass), ``kernel`` or
+        ``gather`` (use gather under XLA).
       precision: a Keras dtype policy name (already resolved, not ``auto``).
       dropout: None for the network's default (0.3 bn_cnn, 0.5 manual_cnn and vgg16).
       preprocessing: ``auto`` (standardize for the small CNNs, caffe for the backbones),

@@ -225,7 +225,7 @@ def _model(config, strategy, numerics: Numerics, schedule, run_dir: RunDir, stat
             model = models.build_model(
                 network.model, image_size=p.image_size, weights=weights,
                 augment=p.augmentation if p.augment == "device" else False,
-                augment_backend="gather" if numerics.jit else "kernel",
+                augment_backend="gather" if numerics.jit else "fused",
                 precision=numerics.precision, dropout=network.resolved_dropout,
                 seed=config.seed, preprocessing=network.resolved_preprocessing,
                 crop=network.crop)

@@ -368,3 +368,124 @@ def test_box_muller_noise_is_standard_normal_and_seeded():
     assert kstest(z.ravel(), "norm").pvalue > 0.01
     again = _gaussian(tf.constant([3, 101, 7, 1]), tf.constant([5, 6], tf.int64)).numpy()
     np.testing.assert_array_equal(z, again)
+
+
+# ---------------------------------------------------------------- the fused back end (issue 21)
+
+def _idg_transform(params, size):
+    """ImageDataGenerator's resampling for one of its random transforms on a square image,
+    as the 8-number form of ImageProjectiveTransformV3 (output pixel -> input pixel).
+
+    tf_keras ``apply_affine_transform`` builds rotation @ shift @ shear @ zoom about the
+    centre, swaps it into (row, col) order and hands it to scipy's ``affine_transform``
+    (order 1, mode 'nearest'); ``apply_transform`` then mirrors the output left-right when
+    ``flip_horizontal`` is drawn. The same steps here, then (row, col) -> (x, y)."""
+    theta, shear = np.deg2rad(params["theta"]), np.deg2rad(params["shear"])
+    m = np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0],
+                  [0, 0, 1]])
+    m = m @ np.array([[1, 0, params["tx"]], [0, 1, params["ty"]], [0, 0, 1]])
+    m = m @ np.array([[1, -np.sin(shear), 0], [0, np.cos(shear), 0], [0, 0, 1]])
+    m = m @ np.array([[params["zx"], 0, 0], [0, params["zy"], 0], [0, 0, 1]])
+    o = size / 2 - 0.5
+    m = np.array([[1, 0, o], [0, 1, o], [0, 0, 1]]) @ m @ np.array([[1, 0, -o], [0, 1, -o],
+                                                                    [0, 0, 1]])
+    m[:, [0, 1]] = m[:, [1, 0]]
+    m[[0, 1]] = m[[1, 0]]
+    (f00, f01, off0), (f10, f11, off1) = m[0], m[1]
+    t = np.array([f11, f10, off1, f01, f00, off0, 0, 0])
+    if params.get("flip_horizontal"):
+        t = np.array([-f11, f10, f11 * (size - 1) + off1, -f01, f00, f01 * (size - 1) + off0,
+                      0, 0])
+    return t.astype(np.float32)
+
+
+def test_fused_and_kernel_warps_reproduce_image_data_generator():
+    """The seed recipe's transforms, drawn by ImageDataGenerator itself: both warps give its
+    pixels (float differences of float32 arithmetic only, the same uint8 after rounding
+    except at exact .5 ties)."""
+    pytest.importorskip("tf_keras")
+    from tf_keras.preprocessing.image import ImageDataGenerator
+
+    from benchmarks.common import OLD_AUGMENTATION
+    from pneumo_data.augment import _warp_quads
+    size = 64
+    gen = ImageDataGenerator(**OLD_AUGMENTATION)
+    images = np.concatenate([smooth_batch(8, size, size, seed=3).numpy(),
+                             batch(8, size, size, seed=4).numpy()])
+    expected, transforms = [], []
+    for k, image in enumerate(images):
+        params = gen.get_random_transform(image.shape, seed=k)
+        expected.append(gen.apply_transform(image.astype(np.float64), params))
+        transforms.append(_idg_transform(params, size))
+    expected, transforms = np.stack(expected), tf.constant(np.stack(transforms))
+    x = tf.constant(images)
+    kernel = warp(tf.cast(x, tf.float32), transforms, "kernel").numpy()
+    fused = tf.function(_warp_quads, jit_compile=True)(x[..., 0], transforms).numpy()[..., None]
+    for got in (kernel, fused):
+        assert np.abs(got - expected).max() < 0.01
+        assert (np.round(got) == np.round(expected)).mean() > 0.999
+
+
+def test_fused_matches_the_kernel_path_for_the_same_draws():
+    from pneumo_data.augment import augment_float, fused_augment
+    x = smooth_batch(16, 40, 40)
+    for params in (AugmentConfig.seed_recipe(), AugmentConfig(blur_probability=1.0),
+                   AugmentConfig()):
+        draws = sample_draws(16, params, tf.constant([3, 9]))
+        kernel = augment_float(x, draws, params, "kernel").numpy()
+        fused = augment_float(x, draws, params, "fused").numpy()
+        np.testing.assert_allclose(fused, kernel, atol=0.05)
+        host = fused_augment(x, draws, params, to_uint8=True).numpy()
+        assert host.dtype == np.uint8 and np.abs(host - np.round(kernel)).max() <= 1
+
+
+def test_fused_layer_takes_uint8_and_falls_back_for_float_and_rgb():
+    layer = RandomAffine.from_params(AugmentConfig(), seed=5)
+    x = smooth_batch(8, 32, 32)
+    assert layer(x, training=True).dtype == tf.float32
+    out = layer(tf.cast(x, tf.float32), training=True)  # kernel path
+    assert out.shape == x.shape and out.dtype == tf.float32
+    rgb = tf.constant(np.repeat(x.numpy(), 3, axis=-1))
+    assert layer(rgb, training=True).shape == rgb.shape
+    fn = tf.function(lambda images: layer(images, training=True))  # batch unknown: compiles
+    assert fn(x).shape == x.shape                                    # per concrete shape
+
+
+def test_noise_field_is_iid_standard_normal_within_each_image():
+    from scipy.stats import kstest
+
+    from pneumo_data.augment import noise_field, noise_parts
+    shape = tf.constant([16, 150, 150, 1])
+    z = noise_field(shape, tf.constant([5, 6], tf.int64)).numpy()[..., 0]
+    assert z.shape == (16, 150, 150)
+    for image in z[:4]:
+        assert kstest(image.ravel(), "norm").pvalue > 0.001
+    # neighbouring pixels and rows are uncorrelated within an image
+    assert abs(np.corrcoef(z[:, :, :-1].ravel(), z[:, :, 1:].ravel())[0, 1]) < 0.01
+    assert abs(np.corrcoef(z[:, :-1].ravel(), z[:, 1:].ravel())[0, 1]) < 0.01
+    # no bank row is used twice within an image (so its pixels are distinct draws)
+    _, index, _ = noise_parts(shape, tf.constant([5, 6], tf.int64))
+    assert all(len(set(row)) == 150 for row in index.numpy())
+    np.testing.assert_array_equal(z, noise_field(shape, tf.constant([5, 6], tf.int64))
+                                  .numpy()[..., 0])
+    # noise per image at std s: the transform's std is the drawn one (as before)
+    flat = tf.constant(np.full((200, 32, 32, 1), 128, np.uint8))
+    params = only(noise_levels=6.0)
+    draws = sample_draws(200, params, tf.constant([1, 1]))
+    out = augment_batch(flat, params, tf.constant([1, 1])).numpy().astype(np.float64)
+    stds = (out - 128).std(axis=(1, 2, 3))
+    np.testing.assert_allclose(stds, draws.numpy()[:, N_AFFINE + 4], atol=0.35)
+
+
+def test_fused_host_augmentation_in_tf_data_is_seeded():
+    x = smooth_batch(8, 32, 32)
+    params = AugmentConfig()
+
+    def stream():
+        seeds = tf.data.Dataset.random(seed=4).batch(2)
+        ds = tf.data.Dataset.zip(tf.data.Dataset.from_tensors(x).repeat(3), seeds)
+        return [b.numpy() for b in ds.map(lambda b, s: augment_batch(b, params, s),
+                                          num_parallel_calls=2, deterministic=True)]
+    a, b = stream(), stream()
+    assert all(np.array_equal(u, v) for u, v in zip(a, b))
+    assert not np.array_equal(a[0], a[1]) and a[0].dtype == np.uint8

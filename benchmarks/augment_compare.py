@@ -1,0 +1,152 @@
+r"""Augmentation alone, before against after in one process: a reference ``augment.py`` (by
+default the one at git ref ``--before_ref``, loaded from git into this process) against this
+checkout's, and the five-layer keras-cv chain, rows interleaved round by round.
+
+    python -m benchmarks.augment_compare --one_thread --cpu_time    # per-core cost
+    python -m benchmarks.augment_compare --before_ref=8538b1e       # wall clock
+
+``--cpu_time`` divides by the process's CPU time instead of wall time and ``--one_thread``
+runs TensorFlow on one thread (no spinning thread pool): on a shared machine that measures
+the cost per image, which other processes' load barely moves. Ratios are to the chain on
+float32 input (what ``image_dataset_from_directory`` hands it). Batch 32, 150 px by default.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from absl import flags
+
+from benchmarks import common
+from pneumo_data.common.errors import UserError
+
+flags.DEFINE_string("before_ref", "8538b1e", "Git ref whose pneumo_data/augment.py is "
+                                             "'before'.")
+flags.DEFINE_string("before_file", None, "An augment.py file to use as 'before' instead.")
+flags.DEFINE_integer("image_size", 150, "Side of the images.")
+flags.DEFINE_integer("batch_size", 32, "Batch size.")
+flags.DEFINE_float("seconds", 2.0, "Seconds per row and round.")
+flags.DEFINE_integer("rounds", 3, "Interleaved rounds (the median is reported).")
+flags.DEFINE_bool("one_thread", False, "TensorFlow on one thread.")
+flags.DEFINE_bool("cpu_time", False, "Images per CPU-second of this process, not per second.")
+flags.DEFINE_string("output_dir", None, "Results folder (default benchmarks/results).")
+flags.DEFINE_string("name", None, "Result file name (default augment_compare[-cpu]).")
+FLAGS = flags.FLAGS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def before_path(ref: str, file: str | None) -> str:
+    """``file``, or ``pneumo_data/augment.py`` at git ``ref`` written to a temporary file."""
+    if file:
+        if not Path(file).is_file():
+            raise UserError(f"--before_file {file} does not exist")
+        return file
+    try:
+        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:pneumo_data/augment.py"],
+                              check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as error:
+        raise UserError(f"--before_ref {ref}: git cannot show its augment.py "
+                        f"({getattr(error, 'stderr', '') or error})".strip()) from None
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as out:
+        out.write(text)
+    return out.name
+
+
+def load_module(path: str, name: str = "augment_before"):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rows(old, size: int, batch: int) -> dict:
+    """{row name: a tf.function augmenting one in-memory batch}."""
+    import numpy as np
+    import tensorflow as tf
+
+    from benchmarks.throughput import five_keras_cv_layers
+    from pneumo_data import augment as new
+    from pneumo_data.config import AugmentConfig
+    x8 = tf.constant(np.random.default_rng(0).uniform(0, 255, (batch, size, size, 1))
+                     .astype(np.uint8))
+    xf = tf.cast(x8, tf.float32)
+    chain = five_keras_cv_layers()
+
+    def run_chain(x):
+        for layer in chain:
+            x = layer(x)
+        return x
+
+    out = {"five keras-cv layers (float32 in)": tf.function(lambda: run_chain(xf))}
+    for name, params in (("affine", AugmentConfig.seed_recipe()), ("default", AugmentConfig())):
+        before = old.RandomAffine.from_params(params)
+        after = new.RandomAffine.from_params(params)
+        out[f"before: {name} (float32 in)"] = tf.function(
+            lambda layer=before: layer(xf, training=True))
+        out[f"after: {name} (uint8 in)"] = tf.function(
+            lambda layer=after: layer(x8, training=True))
+        out[f"after: {name} (float32 in)"] = tf.function(
+            lambda layer=after: layer(xf, training=True))
+    return out
+
+
+def measure(functions: dict, batch: int, seconds: float, rounds: int, cpu_time: bool):
+    """{row: [rate per round]}, rows interleaved within each round."""
+    for fn in functions.values():  # trace and warm up
+        fn()
+        fn()
+    out = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, fn in functions.items():
+            start, cpu, n = time.perf_counter(), time.process_time(), 0
+            while time.perf_counter() - start < seconds:
+                fn().numpy()
+                n += 1
+            spent = (time.process_time() - cpu) if cpu_time else time.perf_counter() - start
+            out[name].append(batch * n / spent)
+    return out
+
+
+def main(argv):
+    del argv
+    old_file = before_path(FLAGS.before_ref, FLAGS.before_file)
+    common.check_writable(*common.result_paths(FLAGS.name or "augment_compare",
+                                               FLAGS.output_dir))
+    from pneumo_data.common.jobs import import_tensorflow
+    tf = import_tensorflow()
+    if FLAGS.one_thread:
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    old = load_module(old_file)
+    load_before = common.load_average()
+    raw = measure(rows(old, FLAGS.image_size, FLAGS.batch_size), FLAGS.batch_size,
+                  FLAGS.seconds, FLAGS.rounds, FLAGS.cpu_time)
+    load_after = common.load_average()
+    chain = statistics.median(raw["five keras-cv layers (float32 in)"])
+    unit = "img per CPU-second" if FLAGS.cpu_time else "img/s"
+    table_rows = [[name, statistics.median(v), f"{min(v):,.0f}-{max(v):,.0f}",
+                   f"{statistics.median(v) / chain:.2f}x"] for name, v in raw.items()]
+    table = common.markdown_table([f"augmentation alone ({unit})", "median", "range",
+                                   "vs chain"], table_rows)
+    table += (f"\n\n{common.machine_line()}; load {load_before} -> {load_after}. "
+              f"Batch {FLAGS.batch_size}, {FLAGS.image_size} px, {FLAGS.rounds} interleaved "
+              f"rounds x {FLAGS.seconds:g} s per row; one TF thread: {FLAGS.one_thread}. "
+              f"'before' = pneumo_data/augment.py at {FLAGS.before_file or FLAGS.before_ref}, "
+              f"loaded into the same process.")
+    print(table, flush=True)
+    name = FLAGS.name or ("augment_compare-cpu" if FLAGS.cpu_time else "augment_compare")
+    common.write_results(name, FLAGS.output_dir, {
+        "environment": common.environment(), "load_before": load_before,
+        "load_after": load_after, "unit": unit, "one_thread": FLAGS.one_thread,
+        "before": FLAGS.before_file or FLAGS.before_ref, "rates": raw,
+        "over_chain": {k: statistics.median(v) / chain for k, v in raw.items()}}, table)
+
+
+if __name__ == "__main__":
+    common.run(main)
