@@ -14,6 +14,7 @@ from pneumo_data.common.config import group, option
 from pneumo_data.common.errors import UserError
 
 AUGMENT_MODES = ("device", "host", "none")
+RESIDENCY_MODES = ("stream", "device", "auto")
 
 
 # The issue-10 research's intensity ranges (on by default; the seed recipe turns them off).
@@ -122,6 +123,15 @@ class PipelineConfig:
                                     "(in tf.data) or none.", choices=AUGMENT_MODES)
     cache: str = option("memory", "Cache decoded images: memory, none, or a file path prefix.")
     verify_checksums: bool = option(True, "Check each shard's sha256 before streaming it.")
+    residency: str = option(
+        "stream", "Where the train split lives while training: stream (tf.data from the "
+                  "shards), device (placed once in accelerator memory, batches drawn there; "
+                  "falls back to the stream with a one-line reason when it does not fit) or "
+                  "auto (device only on a GPU reporting enough free memory).",
+        choices=RESIDENCY_MODES)
+    residency_budget_mb: float = option(
+        0.0, "Memory per device the resident set may use, in MB, instead of what the devices "
+             "report (0: half of the free memory they report).")
     augmentation: AugmentConfig = group(AugmentConfig, "Augmentation ranges.")
 
     def validate(self) -> None:
@@ -131,3 +141,9 @@ class PipelineConfig:
             raise UserError(f"image_size must be a positive integer, got {self.image_size!r}")
         if self.augment not in AUGMENT_MODES:
             raise UserError(f"augment must be one of {AUGMENT_MODES}, got {self.augment!r}")
+        if self.residency not in RESIDENCY_MODES:
+            raise UserError(f"residency must be one of {RESIDENCY_MODES}, got "
+                            f"{self.residency!r}")
+        if not (self.residency_budget_mb >= 0 and math.isfinite(self.residency_budget_mb)):
+            raise UserError(f"residency_budget_mb must be >= 0, got "
+                            f"{self.residency_budget_mb!r}")

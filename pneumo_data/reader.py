@@ -17,16 +17,31 @@
 :func:`read` is the entry point every job, the service and the benchmarks use;
 :func:`train_dataset` and :func:`eval_dataset` are keyword forms of it.
 
-Training graph, per class::
+Training graph with the default memory cache (issue 21), batch by batch::
 
-    shard files -> interleave(TFRecordDataset) -> parse + decode + resize (uint8; stage (b)
-                   of pneumo_data.preprocess: exact integer box average / bilinear)
-                -> cache -> shuffle -> repeat
+    per class: shard files -> interleave(TFRecordDataset) -> parse + decode + resize (uint8;
+               stage (b) of pneumo_data.preprocess) -> batch(all): ONE uint8 [N_c, H, W, 1]
+    classes concatenated (one element, held by flat_map for the iterator's life)
+    -> per 16 batches one BalancedSampler draw of row indices -> one gather per batch
+    -> optional host augmentation -> prefetch
+
+:class:`pneumo_data.sampler.BalancedSampler` gives the distribution the element-by-element
+graph gave (every element picks its class with the target weights; each class walked in a
+new permutation every pass), without its per-element work (shuffle-buffer copies,
+``sample_from_datasets``' per-element choice, ``batch``'s copies). With a disk cache, no
+cache or a tf.data service the per-class graph stays::
+
+    shard files -> interleave -> parse + decode + resize -> cache -> shuffle -> repeat
 
 then ``sample_from_datasets`` over the class streams with the target weights
 (balanced by default), batch (drop remainder), optional host augmentation,
 prefetch. Images stay uint8 with one channel until the model: 4x fewer bytes
 than float32 and 3x fewer than RGB on the way to the accelerator.
+
+``config.residency`` ``device`` (or ``auto`` on a GPU with room) places the whole train split
+in device memory instead and returns a :class:`pneumo_data.resident.ResidentTrainSet`, whose
+``next_batch()`` a custom train step calls (see :mod:`pneumo_data.resident`); when it does not
+fit, the stream, with the reason logged in one line.
 
 An epoch is defined by :func:`steps_per_epoch` (as many images as the train
 split holds): the class streams are infinite, so the minority class is never
@@ -143,13 +158,7 @@ def _class_stream(m, label: str, config: PipelineConfig, seed, deterministic: bo
     files = m.shard_paths("train", label)
     if dynamic:
         return _dynamic_class_stream(m, label, files, config, seed, deterministic)
-    if input_context is not None and input_context.num_input_pipelines > 1:
-        n, i = input_context.num_input_pipelines, input_context.input_pipeline_id
-        if len(files) < n:
-            raise UserError(
-                f"class {label!r} has {len(files)} shard(s) for {n} input pipelines; "
-                f"re-run prepare with a smaller --shard_mb so every worker gets a file")
-        files = files[i::n]
+    files, _ = _class_files(m, label, input_context)
     count = sum(e["records"] for e in m.shard_entries("train", label))
     ds = tf.data.Dataset.from_tensor_slices(files)
     ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=len(files),
@@ -191,6 +200,89 @@ def _dynamic_class_stream(m, label, files, config, seed, deterministic) -> tf.da
     return ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
 
 
+def _class_files(m, label: str, input_context) -> tuple[list[str], int]:
+    """Class ``label``'s shard files of this input pipeline (files ``i, i+P, ...`` of ``P``)
+    and the images they hold."""
+    files, entries = m.shard_paths("train", label), m.shard_entries("train", label)
+    if input_context is not None and input_context.num_input_pipelines > 1:
+        n, i = input_context.num_input_pipelines, input_context.input_pipeline_id
+        if len(files) < n:
+            raise UserError(
+                f"class {label!r} has {len(files)} shard(s) for {n} input pipelines; "
+                f"re-run prepare with a smaller --shard_mb so every worker gets a file")
+        files, entries = files[i::n], entries[i::n]
+    return files, sum(e["records"] for e in entries)
+
+
+def class_images(m, label: str, config: PipelineConfig, deterministic: bool,
+                 input_context=None) -> tuple[tf.data.Dataset, int]:
+    """A dataset of ONE element, all of this input pipeline's ``label`` images decoded as
+    uint8 [N, H, W, 1] with their labels [N, 1], and N: what the batch-level stream and
+    the device-resident set (:mod:`pneumo_data.resident`) hold of a class."""
+    files, count = _class_files(m, label, input_context)
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=len(files),
+                       num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    ds = ds.map(_decode_fn(m, config.image_size, False), num_parallel_calls=AUTOTUNE,
+                deterministic=deterministic)
+    return ds.batch(count).take(1), count
+
+
+STEPS_PER_DRAW = 16  # batches of row indices per sampler call (its op overhead / 16)
+
+
+def _sampled_stream(m, config: PipelineConfig, weights, seed, deterministic,
+                    input_context) -> tf.data.Dataset:
+    """The memory-cached stream, batch by batch (issue 21; see the module docstring).
+
+    The same distribution as the per-class ``cache -> shuffle(N) -> repeat`` streams under
+    ``sample_from_datasets``: each element picks its class independently with the target
+    weights, each class is walked in a new permutation every pass (a keyed Feistel
+    permutation per (seed, class, pass) rather than a uniform draw over all N! orders).
+    """
+    from pneumo_data.sampler import BalancedSampler
+    if seed is None:  # unseeded: a new stream each run, as the shuffle buffers gave
+        import random
+        seed = random.SystemRandom().randrange(2 ** 31)
+    parts, used, counts = [], [], []
+    for label, weight in zip(m.classes, weights):
+        if weight == 0:
+            continue
+        if m.count("train", label) == 0:
+            raise UserError(f"{m.data_dir}: the train split has no {label!r} images but its "
+                            f"class weight is {weight:.3f}")
+        ds, count = class_images(m, label, config, deterministic, input_context)
+        parts.append(ds)
+        used.append(weight)
+        counts.append(count)
+    batch = config.batch_size
+    if input_context is not None:
+        batch = input_context.get_per_replica_batch_size(batch)
+    sampler = BalancedSampler(counts=counts, weights=used, seed=seed)
+    whole = tf.data.Dataset.zip(tuple(parts)).map(
+        lambda *xs: (tf.concat([x[0] for x in xs], 0), tf.concat([x[1] for x in xs], 0)))
+
+    def batches(images, labels):
+        def draw(state, chunk):
+            rows, _, state = sampler.draw(state, chunk, batch, steps=STEPS_PER_DRAW)
+            return state, rows
+        rows = tf.data.Dataset.counter().scan(sampler.initial_state(), draw)
+        rows = rows.flat_map(tf.data.Dataset.from_tensor_slices)
+        return rows.map(lambda r: (tf.gather(images, r), tf.gather(labels, r)),
+                        num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+
+    # no .cache(): flat_map holds the one element for the iterator's life (a cache would
+    # never see its input end and would warn that it discarded itself)
+    ds = whole.flat_map(batches)
+    if config.augment == "host":
+        params = config.augmentation
+        seeds = tf.data.Dataset.random(seed=seed).batch(2)
+        ds = tf.data.Dataset.zip(ds, seeds).map(
+            lambda b, s: (augment_lib.augment_batch(b[0], params, s), b[1]),
+            num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    return ds.prefetch(AUTOTUNE).with_options(_options(deterministic))
+
+
 def _pipeline_seed(seed: int | None, input_context) -> int | None:
     """Input pipeline ``i`` of several (one per worker) draws from its own seed, so the
     workers' sampling and host augmentation are not copies of one another."""
@@ -213,7 +305,7 @@ def read(data_dir, config: PipelineConfig | None = None, *, mode: str = "train",
          class_weights: str | Mapping[str, float] | None = None,
          input_context: tf.distribute.InputContext | None = None,
          with_metadata: bool = False, shard: str = "records", service: str | None = None,
-         job_name: str | None = None) -> tf.data.Dataset:
+         job_name: str | None = None, strategy: tf.distribute.Strategy | None = None):
     """The stream of a prepared folder (the one input reader; see the module docstring).
 
     Args:
@@ -234,6 +326,13 @@ def read(data_dir, config: PipelineConfig | None = None, *, mode: str = "train",
         cache does not apply and, for ``eval``, ``shard`` is ``files``.
       job_name: ``train`` with a service: trainers passing the same name share one job
         (each element goes to one of them); None: a job of this reader alone.
+      strategy: ``train`` with ``config.residency`` ``device``/``auto``: the strategy whose
+        replicas' devices hold the set (default: the current one).
+
+    Returns a ``tf.data.Dataset``; with ``config.residency`` ``device`` or ``auto`` (train,
+    no service) a :class:`pneumo_data.resident.ResidentTrainSet` when the set is placed,
+    else the stream (the reason logged, one line; :func:`pneumo_data.resident.
+    resident_or_stream` returns it).
     """
     config = config or PipelineConfig()
     if mode not in MODES:
@@ -241,6 +340,11 @@ def read(data_dir, config: PipelineConfig | None = None, *, mode: str = "train",
     if mode == "train":
         if split not in (None, "train"):
             raise ValueError(f"the training stream reads the train split, not {split!r}")
+        if config.residency != "stream" and service is None:
+            from pneumo_data import resident
+            return resident.resident_or_stream(
+                data_dir, config, seed=seed, deterministic=deterministic,
+                class_weights=class_weights, strategy=strategy, input_context=input_context)[0]
         dataset = _train_stream(data_dir, config, seed=seed, deterministic=deterministic,
                                 class_weights=class_weights, input_context=input_context,
                                 dynamic=service is not None)
@@ -267,6 +371,8 @@ def _train_stream(data_dir, config: PipelineConfig, *, seed, deterministic, clas
     m = _open(data_dir, "train", config)
     weights = parse_class_weights(class_weights if class_weights is not None
                                   else config.class_weights, m.classes)
+    if not dynamic and _as_cache(config.cache) == "memory":
+        return _sampled_stream(m, config, weights, seed, deterministic, input_context)
     streams, used = [], []
     for label, weight in zip(m.classes, weights):
         if weight == 0:
@@ -336,8 +442,10 @@ def train_dataset(data_dir, *, batch_size: int = _DEFAULT.batch_size,
                   input_context: tf.distribute.InputContext | None = None,
                   augmentation: AugmentConfig | None = None,
                   verify_checksums: bool = _DEFAULT.verify_checksums,
-                  service: str | None = None, job_name: str | None = None
-                  ) -> tf.data.Dataset:
+                  service: str | None = None, job_name: str | None = None,
+                  residency: str = _DEFAULT.residency,
+                  residency_budget_mb: float = _DEFAULT.residency_budget_mb,
+                  strategy: tf.distribute.Strategy | None = None):
     """The infinite, rebalanced training stream of ``(uint8 [B,H,W,1], float32 [B,1])``:
     :func:`read` with ``mode="train"``, its :class:`PipelineConfig` given as keywords.
 
@@ -359,16 +467,19 @@ def train_dataset(data_dir, *, batch_size: int = _DEFAULT.batch_size,
         recipe's; ``AugmentConfig.seed_recipe()`` is the old recipe's).
       verify_checksums: check shard sha256 first (sizes are always checked).
       service, job_name: read through a tf.data service (see :func:`read`).
+      residency, residency_budget_mb, strategy: ``device`` or ``auto`` returns a
+        :class:`pneumo_data.resident.ResidentTrainSet` when the set fits (see :func:`read`).
 
     Use :func:`steps_per_epoch` for the epoch length.
     """
     config = PipelineConfig(batch_size=batch_size, image_size=image_size,
                             class_weights=None, augment=augment, cache=_as_cache(cache),
-                            verify_checksums=verify_checksums,
+                            verify_checksums=verify_checksums, residency=residency,
+                            residency_budget_mb=residency_budget_mb,
                             augmentation=augmentation or AugmentConfig())
     return read(data_dir, config, mode="train", seed=seed, deterministic=deterministic,
                 class_weights=class_weights, input_context=input_context, service=service,
-                job_name=job_name)
+                job_name=job_name, strategy=strategy)
 
 
 def eval_dataset(data_dir, split: str, *, batch_size: int = _DEFAULT.batch_size,

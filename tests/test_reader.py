@@ -148,3 +148,82 @@ def test_parse_class_weights_normalizes():
         0.25, 0.75]
     with pytest.raises(ValueError, match="expected"):
         reader.parse_class_weights("normal", ("normal", "pneumonia"))
+
+
+# ---------------------------------------------------------------- the batch-level stream (issue 21)
+
+def _class_images(prepared, image_size=16):
+    """{label: set of image hashes} of the train split, from the unaugmented eval reader."""
+    out = {}
+    for x, y in pneumo_data.eval_dataset(prepared, "train", batch_size=64,
+                                         image_size=image_size):
+        for img, lab in zip(x.numpy(), y.numpy()[:, 0]):
+            out.setdefault(float(lab), []).append(hashlib.md5(img.tobytes()).hexdigest())
+    return out
+
+
+def test_each_class_is_walked_once_per_pass_and_reshuffled(prepared):
+    """Every image of a class appears exactly once in each pass of that class (consecutive
+    blocks of N_c of its images), each pass in a new order, the classes balanced."""
+    per_class = _class_images(prepared)
+    ds = pneumo_data.train_dataset(prepared, batch_size=10, image_size=16, seed=3,
+                                   augment="none", deterministic=True)
+    seen = {label: [] for label in per_class}
+    labels = []
+    for x, y in take(ds, 120):
+        for img, lab in zip(x, y[:, 0]):
+            seen[float(lab)].append(hashlib.md5(img.tobytes()).hexdigest())
+            labels.append(lab)
+    for label, images in per_class.items():
+        n = len(images)
+        walk = seen[label]
+        passes = [walk[k * n:(k + 1) * n] for k in range(len(walk) // n)]
+        assert len(passes) >= 3
+        for block in passes:
+            assert sorted(block) == sorted(images)  # each image exactly once per pass
+        assert len({tuple(block) for block in passes}) == len(passes)  # reshuffled
+    assert abs(np.mean(labels) - 0.5) < 0.05
+
+
+def test_sampled_stream_keeps_host_augmentation_and_seeds(prepared):
+    def stream(seed):
+        return take(pneumo_data.train_dataset(prepared, batch_size=8, image_size=16,
+                                              seed=seed, deterministic=True,
+                                              augment="host"), 4)
+    a, b = stream(1), stream(1)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    assert a[0][0].dtype == np.uint8 and a[0][0].shape == (8, 16, 16, 1)
+
+
+def test_batch_level_stream_has_the_element_graphs_distribution(prepared):
+    """The memory-cached (batch-level) stream and the per-element graph (no cache) give the
+    same class mix and the same images (each class walked once per pass in both)."""
+    kw = dict(batch_size=20, image_size=16, seed=4, augment="none", deterministic=True)
+    per_class = _class_images(prepared)
+    for cache in ("memory", "none"):
+        batches = take(pneumo_data.train_dataset(prepared, cache=cache, **kw), 60)
+        labels = np.concatenate([y for _, y in batches])[:, 0]
+        assert abs(labels.mean() - 0.5) < 0.05, cache
+        seen = {0.0: set(), 1.0: set()}
+        for x, y in batches:
+            for img, lab in zip(x, y[:, 0]):
+                seen[float(lab)].add(hashlib.md5(img.tobytes()).hexdigest())
+        for label, images in per_class.items():
+            assert seen[label] == set(images), cache
+
+
+def test_residency_device_returns_the_resident_set_and_auto_keeps_the_stream_on_cpu(
+        prepared, caplog):
+    from pneumo_data import resident
+    config = pneumo_data.PipelineConfig(batch_size=8, image_size=16, residency="device")
+    source = pneumo_data.read(prepared, config, mode="train", seed=0)
+    assert isinstance(source, resident.ResidentTrainSet)
+    x, y = tf.function(source.next_batch)()
+    assert x.dtype == tf.uint8 and x.shape == (8, 16, 16, 1) and y.shape == (8, 1)
+    auto = pneumo_data.train_dataset(prepared, batch_size=8, image_size=16, residency="auto")
+    assert isinstance(auto, tf.data.Dataset)
+    assert any("automatic on GPUs only" in r.getMessage() for r in caplog.records)
+    with pytest.raises(pneumo_data.common.errors.UserError, match="residency"):
+        pneumo_data.PipelineConfig(residency="gpu").validate()
