@@ -70,13 +70,12 @@ def rows(old, size: int, batch: int) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from benchmarks.throughput import five_keras_cv_layers
     from pneumo_data import augment as new
     from pneumo_data.config import AugmentConfig
     x8 = tf.constant(np.random.default_rng(0).uniform(0, 255, (batch, size, size, 1))
                      .astype(np.uint8))
     xf = tf.cast(x8, tf.float32)
-    chain = five_keras_cv_layers()
+    chain = common.five_keras_cv_layers()
 
     def run_chain(x):
         for layer in chain:

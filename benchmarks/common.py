@@ -28,6 +28,18 @@ OLD_AUGMENTATION = dict(rotation_range=15, width_shift_range=0.1, height_shift_r
                         fill_mode="nearest")
 
 
+def five_keras_cv_layers():
+    """The seed's augmentation as five keras-cv layers (what issue 21's ratios are to)."""
+    import keras_cv
+    return [
+        keras_cv.layers.RandomRotation(15 / 360, fill_mode="nearest"),
+        keras_cv.layers.RandomTranslation(0.1, 0.1, fill_mode="nearest"),
+        keras_cv.layers.RandomShear(x_factor=0.1, y_factor=0.1, fill_mode="nearest"),
+        keras_cv.layers.RandomZoom(0.1, 0.1, fill_mode="nearest"),
+        keras_cv.layers.RandomFlip("horizontal"),
+    ]
+
+
 def run(main: Callable[[list[str]], Any]) -> None:
     """``absl.app.run(main)`` as the jobs run: a :class:`UserError` (a missing folder, a result
     file that is not ours) is one line on stderr and exit status 1, not a traceback."""

@@ -66,15 +66,7 @@ def old_recipe(root: str, size: int, batch: int):
                                                 class_mode="binary", shuffle=True))
 
 
-def five_keras_cv_layers():
-    import keras_cv
-    return [
-        keras_cv.layers.RandomRotation(15 / 360, fill_mode="nearest"),
-        keras_cv.layers.RandomTranslation(0.1, 0.1, fill_mode="nearest"),
-        keras_cv.layers.RandomShear(x_factor=0.1, y_factor=0.1, fill_mode="nearest"),
-        keras_cv.layers.RandomZoom(0.1, 0.1, fill_mode="nearest"),
-        keras_cv.layers.RandomFlip("horizontal"),
-    ]
+five_keras_cv_layers = common.five_keras_cv_layers
 
 
 def keras_directory_recipe(root: str, size: int, batch: int):

@@ -151,17 +151,19 @@ class Resume(keras.callbacks.Callback):
     :class:`pneumo_models.rundir.RunDir`): ``model-pP-eE.weights.h5`` (the weights, the
     optimizer's variables, whatever the optimizer, loss-scaling wrapper included, and the
     augmentation RNG state), then ``state.json`` naming it (the epoch reached, the phase,
-    the time budget's plan and time spent), then the previous epoch's file is deleted: a
+    the time budget's plan and time spent, and what ``more()`` returns: the device-resident
+    set's walk), then the previous epoch's file is deleted: a
     kill at any point leaves a state.json whose weights file is complete and of the epoch it
     names. The job rebuilds the model and optimizer from its config and loads the file into
     them, so what is not a variable (the optimizer's weight-decay exclusions, the schedule)
     comes from the code, not from a saved config."""
 
     def __init__(self, out, run_dir, phase: int, guard: NaNGuard,
-                 budget: TimeBudget | None = None, extra: dict | None = None):
+                 budget: TimeBudget | None = None, extra: dict | None = None, more=None):
         super().__init__()
         self.out, self.run_dir, self.phase, self.guard = out, run_dir, phase, guard
         self.extra = dict(extra or {})
+        self.more = more  # () -> dict saved too, taken at each epoch's end (the input's state)
         self.folder = RESUME
         self.budget = budget
 
@@ -178,7 +180,8 @@ class Resume(keras.callbacks.Callback):
                 os.replace(named, tmp)
             finally:
                 named.unlink(missing_ok=True)
-        state = {"epoch": epoch, "phase": self.phase, "weights": name, **self.extra}
+        state = {"epoch": epoch, "phase": self.phase, "weights": name, **self.extra,
+                 **(self.more() if self.more else {})}
         if self.budget is not None:
             state.update(plan=self.budget.plan, seconds=self.budget.seconds)
         self.run_dir.write_resume_state(self.out, state)

@@ -280,6 +280,32 @@ class TrainingLoop:
 
         return train_function
 
+    def _make_resident_train_function(self, source):
+        """The train function for a device-resident set: each replica draws its share of the
+        step's batch inside the step (``source.next_batch()``), nothing comes from the host."""
+        strategy, metrics = self.strategy, self.train_metrics
+        weighted = self.class_weight is not None
+
+        # one function per replica, the draw in it, handed to strategy.run as the stream's
+        # step is (a plain function calling a nested one would put the optimizer's
+        # cross-replica merge inside the nested function, which MirroredStrategy refuses)
+        replica = tf.function(lambda: self._replica_train_step(*source.next_batch()),
+                              jit_compile=self.jit_compile, reduce_retracing=True)
+
+        @tf.function
+        def train_function(steps):
+            for _ in tf.range(steps):
+                loss, y, p, w = strategy.run(replica)
+                loss = strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+                y, p = strategy.gather(y, axis=0), strategy.gather(p, axis=0)
+                w = strategy.gather(w, axis=0) if weighted else None
+                metrics[0].update_state(loss)
+                for metric in metrics[1:]:
+                    metric.update_state(y, p, sample_weight=w)
+            return {m.name: m.result() for m in metrics}
+
+        return train_function
+
     def _make_eval_function(self):
         replica_step = tf.function(self._replica_eval_step, jit_compile=self.jit_compile,
                                    reduce_retracing=True)
@@ -313,7 +339,9 @@ class TrainingLoop:
 
         Args:
           train_dataset_fn: ``InputContext -> infinite dataset of per-replica
-            (x, y) batches`` (``pneumo_data.train_dataset(..., input_context=ctx)``).
+            (x, y) batches`` (``pneumo_data.train_dataset(..., input_context=ctx)``), or a
+            device-resident set (:class:`pneumo_data.resident.ResidentTrainSet`, anything
+            with ``next_batch()`` and ``per_replica``) drawn inside the step.
         Returns the History callback, as ``fit`` does.
         """
         if self.optimizer is None:
@@ -322,11 +350,17 @@ class TrainingLoop:
         if steps_per_epoch <= 0 or epochs < 0 or initial_epoch < 0:
             raise LoopError(f"steps_per_epoch must be positive and epochs, initial_epoch >= 0; "
                             f"got {steps_per_epoch}, {epochs}, {initial_epoch}")
-        dataset = self.strategy.distribute_datasets_from_function(
-            self._checked_train_fn(train_dataset_fn, batch_size))
-        iterator = iter(dataset)
-        if self._train_function is None:
-            self._train_function = self._make_train_function()
+        if hasattr(train_dataset_fn, "next_batch"):
+            run_steps = self._resident_steps(train_dataset_fn, batch_size)
+        else:
+            dataset = self.strategy.distribute_datasets_from_function(
+                self._checked_train_fn(train_dataset_fn, batch_size))
+            iterator = iter(dataset)
+            if self._train_function is None:
+                self._train_function = self._make_train_function()
+
+            def run_steps(count):
+                return self._train_function(iterator, tf.constant(count))
         model = self.model
         if not isinstance(callbacks, keras.callbacks.CallbackList):
             callbacks = keras.callbacks.CallbackList(
@@ -344,7 +378,7 @@ class TrainingLoop:
             while step < steps_per_epoch:
                 count = min(self.steps_per_execution, steps_per_epoch - step)
                 callbacks.on_train_batch_begin(step)
-                logs = _floats(self._train_function(iterator, tf.constant(count)))
+                logs = _floats(run_steps(count))
                 step += count
                 callbacks.on_train_batch_end(step - 1, logs)
                 if model.stop_training:
@@ -393,6 +427,18 @@ class TrainingLoop:
         if callbacks is not None:
             callbacks.on_test_end(logs)
         return logs
+
+    def _resident_steps(self, source, batch_size: int):
+        per_replica = distribute.per_replica_batch_size(batch_size, self.strategy)
+        if source.per_replica != per_replica or source.strategy is not self.strategy:
+            raise LoopError(f"the resident set draws {source.per_replica} images per replica "
+                            f"under another strategy or batch; the loop needs {per_replica} "
+                            f"(the global batch {batch_size} / replicas) under its own")
+        functions = self.__dict__.setdefault("_resident_functions", {})
+        if id(source) not in functions:
+            functions[id(source)] = (source, self._make_resident_train_function(source))
+        function = functions[id(source)][1]
+        return lambda count: function(tf.constant(count))
 
     def _checked_train_fn(self, fn: DatasetFn, batch_size: int) -> DatasetFn:
         per_replica = distribute.per_replica_batch_size(batch_size, self.strategy)

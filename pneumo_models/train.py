@@ -18,6 +18,9 @@ r"""The training job: prepared shards (or an image folder) to a trained, exporte
     TF_CONFIG='{"cluster": {"worker": ["h1:2222", "h2:2222"]}, "task": {"type": "worker", \
         "index": 0}}' python -m pneumo_models.train --strategy=multi_worker --data_dir=...
     python -m pneumo_models.train --data_dir=data/xray --data_service=grpc://dispatcher:5050
+    # the train split placed once in accelerator memory, batches drawn inside the step
+    # (memory checked first; the stream, with a one-line reason, when it does not fit):
+    python -m pneumo_models.train --data_dir=data/xray --model_dir=runs/cnn --residency=device
 
 Writes to ``model_dir``: ``config.json`` and ``config.flags`` (the run's options, written
 once the data has been checked; a model_dir holding another run's config is refused unless
@@ -221,6 +224,12 @@ class TrainConfig:
         if not (d.data_service_timeout > 0 and math.isfinite(d.data_service_timeout)):
             raise TrainError(f"--data_service_timeout must be a positive number of seconds, "
                              f"got {d.data_service_timeout}")
+        if d.data_service and p.residency == "device":
+            raise TrainError("--residency=device places the train split in device memory; "
+                             "--data_service streams it from service workers. Drop one")
+        if not (p.residency_budget_mb >= 0 and math.isfinite(p.residency_budget_mb)):
+            raise TrainError(f"--residency_budget_mb must be >= 0, got "
+                             f"{p.residency_budget_mb}")
         if d.data_service:
             service_address(d.data_service)  # a clear error for a malformed address
             if self.deterministic:

@@ -60,13 +60,19 @@ class Inputs:
     val_size: int
     steps: int
     loss_weights: dict[int, float] | None
+    resident: Any = None  # a pneumo_data.resident.ResidentTrainSet, drawn inside the step
+    residency: str = "stream"  # what the run trains from, and why when it fell back
+
+    def resume_state(self) -> dict[str, Any]:
+        """What a resume needs of the input besides the weights: the resident set's walk."""
+        return {"resident": self.resident.checkpoint_state()} if self.resident else {}
 
 
 def run(config, run_dir: RunDir, out: OutputDir, m, counts: dict[str, int], strategy,
         run_id: int) -> dict[str, Any]:
     """Trains, ships and exports the model of ``config`` into ``run_dir``; returns run.json."""
     numerics = _numerics(config, strategy, m.data_dir)
-    inputs = _inputs(config, m, counts, run_id)
+    inputs = _inputs(config, m, counts, run_id, strategy)
 
     # ---- model: new, or rebuilt from the config and loaded from the resume state
     cluster.share_run_state(strategy, out)
@@ -75,6 +81,7 @@ def run(config, run_dir: RunDir, out: OutputDir, m, counts: dict[str, int], stra
     except RunDirError as error:
         raise TrainError(str(error)) from None
     phase = state["phase"] if state else 1
+    _restore_input(inputs, state)
     plan = (state or {}).get("plan")  # the time budget's plan as saved (final from epoch 2)
     with strategy.scope():  # its length is a variable: mirrored like the model's
         schedule = optim.schedule_for(config.optimizer, inputs.steps, plan or config.epochs,
@@ -131,7 +138,8 @@ def run(config, run_dir: RunDir, out: OutputDir, m, counts: dict[str, int], stra
         distribution={**distribute.describe(strategy),
                       "steps_per_execution": d.steps_per_execution,
                       "lr_scaling": d.lr_scaling, "learning_rate": numerics.learning_rate,
-                      "data_service": d.data_service, "replica_divergence": divergence},
+                      "data_service": d.data_service, "residency": inputs.residency,
+                      "replica_divergence": divergence},
         data_dir=_relative(m.data_dir, run_dir.path),
         data_manifest_created=m.data["created"], data_splits=m.split_digests(),
         train_counts=counts,
@@ -172,8 +180,9 @@ def _numerics(config, strategy, data_dir) -> Numerics:
     return numerics
 
 
-def _inputs(config, m, counts: dict[str, int], run_id: int) -> Inputs:
-    """The training stream and the validation set: local pipelines, or the tf.data service."""
+def _inputs(config, m, counts: dict[str, int], run_id: int, strategy) -> Inputs:
+    """The training input (a device-resident set, or the stream: local pipelines or the
+    tf.data service) and the validation set."""
     p, d = config.pipeline, config.distribution
     data_dir = m.data_dir
     natural = {c: n / sum(counts.values()) for c, n in counts.items()}
@@ -198,9 +207,39 @@ def _inputs(config, m, counts: dict[str, int], run_id: int) -> Inputs:
 
     shares = (lambda pipelines: reader.eval_shares(data_dir, "val", pipelines, shard="files")) \
         if d.data_service else None
+    resident_set, residency = None, "stream"
+    if p.residency != "stream" and not d.data_service:
+        from pneumo_data import resident
+        try:  # memory checked before anything is placed; the set read once, here
+            resident_set = resident.resident_train_set(
+                data_dir, stream, seed=config.seed, deterministic=config.deterministic,
+                class_weights=stream_weights, strategy=strategy)
+            residency = "device"
+            log.info("train split resident in device memory: %d images, %.1f MB per device",
+                     resident_set.count, resident_set.nbytes / 2 ** 20)
+        except resident.ResidentRefused as refused:
+            residency = f"stream ({refused})"
+            log.warning("--residency=%s: streaming instead: %s", p.residency, refused)
+    if resident_set is not None:  # the loop draws from the set inside the step
+        train_fn = lambda phase, first_epoch: resident_set  # noqa: E731
     return Inputs(train_fn, val_fn, shares, reader.eval_size(data_dir, "val"),
                   config.steps_per_epoch or reader.steps_per_epoch(data_dir, p.batch_size),
-                  loss_weights)
+                  loss_weights, resident_set, residency)
+
+
+def _restore_input(inputs: Inputs, state) -> None:
+    """A resumed run continues the resident set's walk where the saved epoch left it."""
+    if inputs.resident is None or not state:
+        return
+    saved = state.get("resident")
+    if saved is None:  # the earlier process streamed (the set did not fit then)
+        log.warning("resuming with the resident set, whose walk the saved state does not "
+                    "hold: it starts a new walk")
+        return
+    try:
+        inputs.resident.restore(saved)
+    except ValueError as error:
+        raise TrainError(f"cannot resume the resident set's walk: {error}") from None
 
 
 # ---------------------------------------------------------------- model
@@ -300,7 +339,8 @@ class _Fit:
         if phase_no == 1:
             callbacks.append(self.budget)  # before Resume, which saves its plan
         callbacks.append(cb.Resume(out, run_dir, phase_no, guard, self.budget,
-                                   extra={"data_splits": self.data_splits}))
+                                   extra={"data_splits": self.data_splits},
+                                   more=self.inputs.resume_state))
         if config.early_stopping_patience:
             callbacks.append(keras.callbacks.EarlyStopping(
                 monitor="val_auc", mode="max", patience=config.early_stopping_patience))

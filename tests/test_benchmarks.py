@@ -134,3 +134,29 @@ def test_encoding_smoke(tmp_path, tiny_source):
     payload = run("benchmarks.encoding", tmp_path, tiny_source, "--images=6", "--image_size=32")
     assert payload["environment"]["cores"] >= 1
     assert "raw" in (tmp_path / "result.md").read_text()
+
+
+ACCELERATOR = ("--image_size=32", "--batch_size=4", "--steps=2", "--warmup=1", "--windows=1",
+               "--rounds=1")
+
+
+@pytest.mark.slow
+def test_accelerator_on_two_logical_cpu_devices_writes_no_gpu_field(tmp_path, tiny_source):
+    proc = run_module("benchmarks.accelerator", f"--output_dir={tmp_path}", "--name=result",
+                      tiny_source, "--models=manual_cnn", "--strategy=mirrored", *ACCELERATOR,
+                      timeout=900, env={"PNEUMO_CPU_DEVICES": "2",
+                                        "PNEUMO_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no GPU found: timing the CPU" in proc.stdout
+    text = (tmp_path / "result.json").read_text()
+    payload = json.loads(text)
+    assert payload["replicas"] == 2 and payload["environment"]["device"] == "CPU"
+    assert "gpu" not in text.lower().replace("no gpu", "")  # no GPU field, no GPU figure
+    (row,) = payload["rows"]
+    assert row["device"].startswith(payload["environment"]["cpu"])
+    assert set(row["images_per_second"]) == {"memory", "stream", "resident"}
+    assert all(v > 0 for v in row["images_per_second"].values())
+    assert set(row["input_wait"]) == {"stream", "resident"}
+    assert all(0.0 <= v <= 1.0 for v in row["input_wait"].values())
+    assert "peak_device_memory_bytes" not in row
+    assert "| " in (tmp_path / "result.md").read_text()

@@ -57,6 +57,14 @@ def tree(path: Path) -> dict[str, bytes]:
     ("benchmarks.serving", ["--model_dir=/nope", "--output_dir={tmp}/o"], "/nope"),
     ("benchmarks.prepare", ["--source_dir=/nope", "--output_dir={tmp}/o"], "/nope"),
     ("benchmarks.encoding", ["--source_dir=/nope", "--output_dir={tmp}/o"], "/nope"),
+    ("benchmarks.accelerator", ["--data_dir=/nope", "--output_dir={tmp}/o"], "/nope"),
+    ("benchmarks.accelerator", ["--inputs=disk", "--output_dir={tmp}/o"], "disk"),
+    ("benchmarks.resident_rate", ["--data_dir=/nope"], "/nope"),
+    ("benchmarks.augment_compare", ["--before_file=/nope.py", "--output_dir={tmp}/o"],
+     "/nope.py"),
+    ("pneumo_models.train", ["--model_dir={tmp}/o", "--residency=device",
+                             "--data_service=grpc://localhost:1"], "Drop one"),
+    ("pneumo_models.train", ["--model_dir={tmp}/o", "--residency=gpu"], "gpu"),
 ])
 def test_bad_flags_and_paths(module, args, message, tmp_path):
     line = refused(module, *(a.format(tmp=tmp_path) for a in args))
