@@ -40,6 +40,7 @@ flags.DEFINE_string("name", None, "Result file name (default resident_rate).")
 FLAGS = flags.FLAGS
 
 CEILING = "ceiling: one in-memory batch repeated"
+GATHER = "bound: tf.gather of random rows of the set (no draw, no state)"
 
 
 def consume(next_batch, steps: int):
@@ -119,6 +120,15 @@ def rates(data_dir, size, batch, steps, seconds, rounds, before=None, cpu_time=F
     source, reason = resident.resident_or_stream(data_dir, config, seed=0)
     if reason is None:
         rows["device-resident set (next_batch)"] = wrap(source.next_batch, compiled=True)
+        # What any draw of fresh rows must pay and the ceiling does not: copying a batch of
+        # images from random rows of the set (the ceiling hands out one batch, never copied).
+        picks = tf.random.stateless_uniform([64, batch], [0, 1], 0, source.count, tf.int64)
+        counter = tf.Variable(0, dtype=tf.int64)
+
+        def bare_gather():
+            i = counter.assign_add(1) % 64
+            return tf.gather(source.images, picks[i]), tf.gather(source.labels, picks[i])
+        rows[GATHER] = wrap(bare_gather, compiled=True)
     for run in rows.values():
         for _ in range(3 if not one_per_call else 200):  # trace, fill caches and buffers
             run()
