@@ -32,7 +32,8 @@ def tiny_source(synthetic_source):
 def test_throughput_smoke(tmp_path, tiny_source):
     payload = run("benchmarks.throughput", tmp_path, tiny_source, "--seconds=0.2",
                   "--repeats=1", "--image_size=32", "--batch_size=8", "--plot")
-    assert len(payload["results"]) == 8
+    assert len(payload["results"]) == 9
+    assert any(name.startswith("pneumo residency='device'") for name in payload["results"])
     assert all(r["median"] > 0 for r in payload["results"].values())
     assert payload["fused_over_chain"] > 0 and payload["intensity_on_over_off"] > 0
     assert len(payload["augmentation_alone"]) == 3
