@@ -1,7 +1,7 @@
 """The device-resident training set (issue 21): the train split placed once in device memory.
 
 The train split's uint8 images and labels are read once (the reader's own decode), checked
-against the memory they need, and placed as variables on every replica's device. Each step
+against the memory they need, and placed as constant tensors on every replica's device. Each step
 then draws a class-balanced batch of rows there (:class:`pneumo_data.sampler.
 BalancedSampler`: the same balance and epoch accounting as the memory-cached stream), gathers
 it and, with ``augment="host"``, augments it: nothing per step crosses from the host.
