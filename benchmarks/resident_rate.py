@@ -96,7 +96,7 @@ def rates(data_dir, size, batch, steps, seconds, rounds, before=None, cpu_time=F
     import tensorflow as tf
 
     import pneumo_data
-    from pneumo_data import resident
+    from pneumo_data import reader
     from pneumo_data.config import PipelineConfig
     first = next(iter(pneumo_data.train_dataset(data_dir, batch_size=batch, image_size=size,
                                                 augment="none")))
@@ -117,7 +117,7 @@ def rates(data_dir, size, batch, steps, seconds, rounds, before=None, cpu_time=F
         rows["stream (train_dataset, before)"] = wrap(lambda: next(old_it))
     config = PipelineConfig(batch_size=batch, image_size=size, augment="device",
                             residency="device")
-    source, reason = resident.resident_or_stream(data_dir, config, seed=0)
+    source, reason = reader.resident_or_stream(data_dir, config, seed=0)
     if reason is None:
         rows["device-resident set (next_batch)"] = wrap(source.next_batch, compiled=True)
         # What any draw of fresh rows must pay and the ceiling does not: copying a batch of

@@ -129,11 +129,11 @@ def resident(data_dir: str, size: int, batch: int):
     training job calls it inside its step instead); None when the set is refused."""
     import tensorflow as tf
 
-    from pneumo_data import resident as resident_lib
+    from pneumo_data import reader
     from pneumo_data.config import PipelineConfig
     config = PipelineConfig(batch_size=batch, image_size=size, augment="device",
                             residency="device")
-    source, reason = resident_lib.resident_or_stream(data_dir, config, seed=0)
+    source, reason = reader.resident_or_stream(data_dir, config, seed=0)
     if reason is not None:
         print(f"device-resident set refused: {reason}", flush=True)
         return None

@@ -61,6 +61,8 @@ tf.data options set on purpose:
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from typing import Mapping
 
@@ -68,89 +70,22 @@ import tensorflow as tf
 
 from pneumo_data import augment as augment_lib
 from pneumo_data import manifest as manifest_lib
-from pneumo_data import records_tf
+from pneumo_data import resident, shard_reader
 from pneumo_data.common.errors import UserError
 from pneumo_data.config import AUGMENT_MODES, AugmentConfig, PipelineConfig
-from pneumo_data.preprocess.model_input_tf import to_model_input
-from pneumo_data.records import METADATA
+from pneumo_data.sampler import STEPS_PER_DRAW, BalancedSampler
 from pneumo_data.service import check_shards_for_service, service_address
+from pneumo_data.shard_reader import parse_class_weights
 
 AUTOTUNE = tf.data.AUTOTUNE
+log = logging.getLogger(__name__)
 MAX_SHUFFLE_BUFFER = 20_000
 MODES = ("train", "eval")
 EVAL_SHARDS = ("records", "files")
 
 __all__ = ["read", "train_dataset", "eval_dataset", "steps_per_epoch", "eval_size",
-           "eval_shares", "parse_class_weights", "PipelineConfig", "AUGMENT_MODES", "MODES"]
-
-
-def parse_class_weights(spec: str | Mapping[str, float] | None,
-                        classes: tuple[str, ...]) -> list[float]:
-    """Normalized weights in ``classes`` order; None means balanced."""
-    if spec is None or spec == "":
-        return [1.0 / len(classes)] * len(classes)
-    if isinstance(spec, str):
-        mapping = {}
-        for part in spec.split(","):
-            name, sep, value = part.partition("=")
-            if not sep:
-                raise UserError(f"class_weights {spec!r}: expected 'name=weight,...'")
-            try:
-                mapping[name.strip()] = float(value)
-            except ValueError:
-                raise UserError(f"class_weights {spec!r}: {value!r} is not a number") from None
-    else:
-        mapping = dict(spec)
-    unknown = sorted(set(mapping) - set(classes))
-    if unknown:
-        raise UserError(f"class_weights names unknown class(es) {unknown}; "
-                         f"the classes are {list(classes)}")
-    weights = [float(mapping.get(c, 0.0)) for c in classes]
-    if any(w < 0 or w != w for w in weights):
-        raise UserError(f"class_weights must be non-negative numbers, got {mapping}")
-    if sum(weights) <= 0:
-        raise UserError(f"class_weights must not all be zero, got {mapping}")
-    return [w / sum(weights) for w in weights]
-
-
-def _as_cache(cache) -> str:
-    if cache is True:
-        return "memory"
-    if cache is False or cache is None:
-        return "none"
-    return str(cache)
-
-
-def _decode_fn(m: manifest_lib.Manifest, image_size: int, with_metadata: bool):
-    stored = m.image_size
-    encoding = m.encoding
-
-    def fn(serialized):
-        features = records_tf.parse(serialized, encoding, stored)
-        # Stage (b) of the one preprocessing definition: the same integer resize runs in
-        # predict and inside every export, so the model sees the same bits everywhere.
-        image = to_model_input(features["image"], image_size)
-        label = tf.cast(tf.reshape(features["label"], [1]), tf.float32)
-        if not with_metadata:
-            return image, label
-        return image, label, {k: features[k] for k in METADATA}
-
-    return fn
-
-
-def _open(data_dir, split: str, config: PipelineConfig) -> manifest_lib.Manifest:
-    config.validate()
-    m = manifest_lib.load_manifest(data_dir)
-    m.require_split(split)
-    m.verify(splits=(split,), checksums=config.verify_checksums)
-    return m
-
-
-def _options(deterministic: bool) -> tf.data.Options:
-    options = tf.data.Options()
-    options.deterministic = deterministic
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    return options
+           "eval_shares", "parse_class_weights", "resident_or_stream", "PipelineConfig",
+           "AUGMENT_MODES", "MODES"]
 
 
 def _class_stream(m, label: str, config: PipelineConfig, seed, deterministic: bool,
@@ -158,14 +93,15 @@ def _class_stream(m, label: str, config: PipelineConfig, seed, deterministic: bo
     files = m.shard_paths("train", label)
     if dynamic:
         return _dynamic_class_stream(m, label, files, config, seed, deterministic)
-    files, _ = _class_files(m, label, input_context)
+    files, _ = shard_reader.class_files(m, label, input_context)
     count = sum(e["records"] for e in m.shard_entries("train", label))
     ds = tf.data.Dataset.from_tensor_slices(files)
     ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=len(files),
                        num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-    ds = ds.map(_decode_fn(m, config.image_size, False), num_parallel_calls=AUTOTUNE,
+    ds = ds.map(shard_reader.decode_fn(m, config.image_size, False),
+                num_parallel_calls=AUTOTUNE,
                 deterministic=deterministic)
-    cache = _as_cache(config.cache)
+    cache = shard_reader.as_cache(config.cache)
     if cache == "memory":
         ds = ds.cache()
     elif cache != "none":
@@ -195,40 +131,10 @@ def _dynamic_class_stream(m, label, files, config, seed, deterministic) -> tf.da
     buffer = max(1, min(sum(e["records"] for e in entries), 2 * per_file, MAX_SHUFFLE_BUFFER))
     ds = tf.data.Dataset.from_tensor_slices(files).repeat()
     ds = ds.flat_map(tf.data.TFRecordDataset)
-    ds = ds.map(_decode_fn(m, config.image_size, False), num_parallel_calls=AUTOTUNE,
+    ds = ds.map(shard_reader.decode_fn(m, config.image_size, False),
+                num_parallel_calls=AUTOTUNE,
                 deterministic=deterministic)
     return ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-
-
-def _class_files(m, label: str, input_context) -> tuple[list[str], int]:
-    """Class ``label``'s shard files of this input pipeline (files ``i, i+P, ...`` of ``P``)
-    and the images they hold."""
-    files, entries = m.shard_paths("train", label), m.shard_entries("train", label)
-    if input_context is not None and input_context.num_input_pipelines > 1:
-        n, i = input_context.num_input_pipelines, input_context.input_pipeline_id
-        if len(files) < n:
-            raise UserError(
-                f"class {label!r} has {len(files)} shard(s) for {n} input pipelines; "
-                f"re-run prepare with a smaller --shard_mb so every worker gets a file")
-        files, entries = files[i::n], entries[i::n]
-    return files, sum(e["records"] for e in entries)
-
-
-def class_images(m, label: str, config: PipelineConfig, deterministic: bool,
-                 input_context=None) -> tuple[tf.data.Dataset, int]:
-    """A dataset of ONE element, all of this input pipeline's ``label`` images decoded as
-    uint8 [N, H, W, 1] with their labels [N, 1], and N: what the batch-level stream and
-    the device-resident set (:mod:`pneumo_data.resident`) hold of a class."""
-    files, count = _class_files(m, label, input_context)
-    ds = tf.data.Dataset.from_tensor_slices(files)
-    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=len(files),
-                       num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-    ds = ds.map(_decode_fn(m, config.image_size, False), num_parallel_calls=AUTOTUNE,
-                deterministic=deterministic)
-    return ds.batch(count).take(1), count
-
-
-STEPS_PER_DRAW = 16  # batches of row indices per sampler call (its op overhead / 16)
 
 
 def _sampled_stream(m, config: PipelineConfig, weights, seed, deterministic,
@@ -240,7 +146,6 @@ def _sampled_stream(m, config: PipelineConfig, weights, seed, deterministic,
     weights, each class is walked in a new permutation every pass (a keyed Feistel
     permutation per (seed, class, pass) rather than a uniform draw over all N! orders).
     """
-    from pneumo_data.sampler import BalancedSampler
     if seed is None:  # unseeded: a new stream each run, as the shuffle buffers gave
         import random
         seed = random.SystemRandom().randrange(2 ** 31)
@@ -251,7 +156,7 @@ def _sampled_stream(m, config: PipelineConfig, weights, seed, deterministic,
         if m.count("train", label) == 0:
             raise UserError(f"{m.data_dir}: the train split has no {label!r} images but its "
                             f"class weight is {weight:.3f}")
-        ds, count = class_images(m, label, config, deterministic, input_context)
+        ds, count = shard_reader.class_images(m, label, config, deterministic, input_context)
         parts.append(ds)
         used.append(weight)
         counts.append(count)
@@ -280,7 +185,7 @@ def _sampled_stream(m, config: PipelineConfig, weights, seed, deterministic,
         ds = tf.data.Dataset.zip(ds, seeds).map(
             lambda b, s: (augment_lib.augment_batch(b[0], params, s), b[1]),
             num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-    return ds.prefetch(AUTOTUNE).with_options(_options(deterministic))
+    return ds.prefetch(AUTOTUNE).with_options(shard_reader.options(deterministic))
 
 
 def _pipeline_seed(seed: int | None, input_context) -> int | None:
@@ -331,8 +236,8 @@ def read(data_dir, config: PipelineConfig | None = None, *, mode: str = "train",
 
     Returns a ``tf.data.Dataset``; with ``config.residency`` ``device`` or ``auto`` (train,
     no service) a :class:`pneumo_data.resident.ResidentTrainSet` when the set is placed,
-    else the stream (the reason logged, one line; :func:`pneumo_data.resident.
-    resident_or_stream` returns it).
+    else the stream (the reason logged, one line; :func:`resident_or_stream` returns
+    it).
     """
     config = config or PipelineConfig()
     if mode not in MODES:
@@ -341,8 +246,7 @@ def read(data_dir, config: PipelineConfig | None = None, *, mode: str = "train",
         if split not in (None, "train"):
             raise ValueError(f"the training stream reads the train split, not {split!r}")
         if config.residency != "stream" and service is None:
-            from pneumo_data import resident
-            return resident.resident_or_stream(
+            return resident_or_stream(
                 data_dir, config, seed=seed, deterministic=deterministic,
                 class_weights=class_weights, strategy=strategy, input_context=input_context)[0]
         dataset = _train_stream(data_dir, config, seed=seed, deterministic=deterministic,
@@ -368,10 +272,10 @@ def _train_stream(data_dir, config: PipelineConfig, *, seed, deterministic, clas
     prefetch, and ``input_context`` only sets the per-replica batch."""
     if not dynamic:
         seed = _pipeline_seed(seed, input_context)
-    m = _open(data_dir, "train", config)
+    m = shard_reader.open_split(data_dir, "train", config)
     weights = parse_class_weights(class_weights if class_weights is not None
                                   else config.class_weights, m.classes)
-    if not dynamic and _as_cache(config.cache) == "memory":
+    if not dynamic and shard_reader.as_cache(config.cache) == "memory":
         return _sampled_stream(m, config, weights, seed, deterministic, input_context)
     streams, used = [], []
     for label, weight in zip(m.classes, weights):
@@ -404,12 +308,12 @@ def _train_stream(data_dir, config: PipelineConfig, *, seed, deterministic, clas
                                                 deterministic=deterministic)
     if not dynamic:  # a service worker buffers by itself; a prefetch here made it
         ds = ds.prefetch(AUTOTUNE)  # pull files ahead and images repeat sooner (measured)
-    return ds.with_options(_options(deterministic))
+    return ds.with_options(shard_reader.options(deterministic))
 
 
 def _eval_stream(data_dir, split: str, config: PipelineConfig, *, with_metadata: bool,
                  input_context, shard: str) -> tf.data.Dataset:
-    m = _open(data_dir, split, config)
+    m = shard_reader.open_split(data_dir, split, config)
     files = [path for label in m.classes for path in m.shard_paths(split, label)]
     if not files or m.count(split) == 0:
         raise manifest_lib.ManifestError(f"{data_dir}: split {split!r} holds no images")
@@ -422,13 +326,14 @@ def _eval_stream(data_dir, split: str, config: PipelineConfig, *, with_metadata:
                                  num_parallel_reads=None)
     if shard == "records" and pipelines > 1:
         ds = ds.shard(pipelines, input_context.input_pipeline_id)
-    ds = ds.map(_decode_fn(m, config.image_size, with_metadata), num_parallel_calls=AUTOTUNE,
+    ds = ds.map(shard_reader.decode_fn(m, config.image_size, with_metadata),
+                num_parallel_calls=AUTOTUNE,
                 deterministic=True)
     batch_size = config.batch_size
     if input_context is not None:
         batch_size = input_context.get_per_replica_batch_size(batch_size)
     ds = ds.batch(batch_size, drop_remainder=False)
-    return ds.prefetch(AUTOTUNE).with_options(_options(True))
+    return ds.prefetch(AUTOTUNE).with_options(shard_reader.options(True))
 
 
 _DEFAULT = PipelineConfig()
@@ -473,13 +378,37 @@ def train_dataset(data_dir, *, batch_size: int = _DEFAULT.batch_size,
     Use :func:`steps_per_epoch` for the epoch length.
     """
     config = PipelineConfig(batch_size=batch_size, image_size=image_size,
-                            class_weights=None, augment=augment, cache=_as_cache(cache),
+                            class_weights=None, augment=augment,
+                            cache=shard_reader.as_cache(cache),
                             verify_checksums=verify_checksums, residency=residency,
                             residency_budget_mb=residency_budget_mb,
                             augmentation=augmentation or AugmentConfig())
     return read(data_dir, config, mode="train", seed=seed, deterministic=deterministic,
                 class_weights=class_weights, input_context=input_context, service=service,
                 job_name=job_name, strategy=strategy)
+
+
+def resident_or_stream(data_dir, config: PipelineConfig, *, seed: int | None = None,
+                       deterministic: bool = False,
+                       class_weights: str | Mapping[str, float] | None = None,
+                       strategy=None, input_context=None):
+    """The train split placed in device memory (:mod:`pneumo_data.resident`):
+    ``(ResidentTrainSet, None)``, or ``(the stream, reason)`` when the set is refused (the
+    reason also logged, one line). ``input_context`` is only for the stream."""
+    try:
+        return resident.resident_train_set(data_dir, config, seed=seed, deterministic=deterministic,
+                                  class_weights=class_weights, strategy=strategy), None
+    except resident.ResidentRefused as refused:
+        reason = str(refused)
+        log.warning("device-resident training set not placed, streaming instead: %s", reason)
+        stream = read(data_dir, _as_stream(config), mode="train", seed=seed,
+                      deterministic=deterministic, class_weights=class_weights,
+                      input_context=input_context)
+        return stream, reason
+
+
+def _as_stream(config: PipelineConfig) -> PipelineConfig:
+    return dataclasses.replace(config, residency="stream")
 
 
 def eval_dataset(data_dir, split: str, *, batch_size: int = _DEFAULT.batch_size,

@@ -10,7 +10,7 @@ it and, with ``augment="host"``, augments it: nothing per step crosses from the 
 
     from pneumo_data import resident
     config = PipelineConfig(batch_size=32, residency="device")
-    source, reason = resident.resident_or_stream(data_dir, config, seed=0, strategy=strategy)
+    source, reason = reader.resident_or_stream(data_dir, config, seed=0, strategy=strategy)
     if reason:                      # refused: ``source`` is the ordinary stream
         ...
     else:                           # ``source`` is a ResidentTrainSet
@@ -41,22 +41,20 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
-from typing import Mapping
 
 import numpy as np
 import tensorflow as tf
 
 from pneumo_data import augment as augment_lib
 from pneumo_data import manifest as manifest_lib
-from pneumo_data import reader
+from pneumo_data import shard_reader
 from pneumo_data.config import PipelineConfig
-from pneumo_data.sampler import BalancedSampler
+from pneumo_data.sampler import STEPS_PER_DRAW, BalancedSampler
 
 log = logging.getLogger(__name__)
 
 HEADROOM = 0.5  # use at most this share of the free memory a device reports
 STEP_BYTES_PER_IMAGE = 4 * 6  # float32 copies an augmented image makes in one step (rough)
-STEPS_PER_DRAW = reader.STEPS_PER_DRAW  # steps whose rows one sampler call draws
 
 
 class ResidentRefused(Exception):
@@ -67,7 +65,7 @@ def required_bytes(data_dir, config: PipelineConfig, class_weights=None) -> int:
     """Bytes one device holds: the uint8 images and float32 labels of the classes drawn, and
     a step's working set (a few float32 copies of one batch)."""
     m = manifest_lib.load_manifest(data_dir)
-    weights = reader.parse_class_weights(
+    weights = shard_reader.parse_class_weights(
         class_weights if class_weights is not None else config.class_weights, m.classes)
     n = sum(m.count("train", c) for c, w in zip(m.classes, weights) if w > 0)
     side = config.image_size
@@ -158,7 +156,7 @@ def _read(data_dir, config: PipelineConfig, weights):
     and the per-class counts: the reader's own reading and decoding, in the fixed order (a
     row number must name the same image in a resumed run, whatever ``deterministic`` says:
     the order costs nothing here, it is read once)."""
-    m = reader._open(data_dir, "train", config)
+    m = shard_reader.open_split(data_dir, "train", config)
     images, labels, counts, used = [], [], [], []
     for label, weight in zip(m.classes, weights):
         if weight == 0:
@@ -166,8 +164,8 @@ def _read(data_dir, config: PipelineConfig, weights):
         if m.count("train", label) == 0:
             raise ResidentRefused(f"the train split has no {label!r} images but its class "
                                   f"weight is {weight:.3f}")
-        ds, count = reader.class_images(m, label, config, deterministic=True)
-        x, y = ds.with_options(reader._options(True)).get_single_element()
+        ds, count = shard_reader.class_images(m, label, config, deterministic=True)
+        x, y = ds.with_options(shard_reader.options(True)).get_single_element()
         images.append(x.numpy())
         labels.append(y.numpy())
         counts.append(count)
@@ -178,9 +176,9 @@ def _read(data_dir, config: PipelineConfig, weights):
 class ResidentTrainSet:
     """The train split in device memory and a class-balanced draw per step.
 
-    Build it with :func:`resident_train_set` or :func:`resident_or_stream` (which check
-    memory first). ``next_batch()`` gives this replica's ``(uint8 [b, H, W, 1], float32
-    [b, 1])``, ``b`` the global batch over the replicas; call it inside the (compiled) train
+    Build it with :func:`resident_train_set` or :func:`pneumo_data.reader.
+    resident_or_stream` (which check memory first). ``next_batch()`` gives this replica's
+    ``(uint8 [b, H, W, 1], float32 [b, 1])``, ``b`` the global batch over the replicas; call it inside the (compiled) train
     step, in replica context under a strategy. With ``augmentation`` (config
     ``augment="host"``: "augment with the data") the batch is augmented there too
     (:func:`pneumo_data.augment.augment_batch`, seeded by (seed, step, replica)); otherwise
@@ -348,7 +346,7 @@ def resident_train_set(data_dir, config: PipelineConfig, *, seed: int | None = N
     if reason:
         raise ResidentRefused(reason)
     m = manifest_lib.load_manifest(data_dir)
-    weights = reader.parse_class_weights(
+    weights = shard_reader.parse_class_weights(
         class_weights if class_weights is not None else config.class_weights, m.classes)
     images, labels, counts, used = _read(data_dir, config, weights)
     if seed is None:
@@ -360,28 +358,5 @@ def resident_train_set(data_dir, config: PipelineConfig, *, seed: int | None = N
                             augmentation)
 
 
-def resident_or_stream(data_dir, config: PipelineConfig, *, seed: int | None = None,
-                       deterministic: bool = False,
-                       class_weights: str | Mapping[str, float] | None = None,
-                       strategy=None, input_context=None):
-    """``(ResidentTrainSet, None)``, or ``(the stream, reason)`` when the set is refused (the
-    reason also logged, one line). ``input_context`` is only for the stream."""
-    try:
-        return resident_train_set(data_dir, config, seed=seed, deterministic=deterministic,
-                                  class_weights=class_weights, strategy=strategy), None
-    except ResidentRefused as refused:
-        reason = str(refused)
-        log.warning("device-resident training set not placed, streaming instead: %s", reason)
-        stream = reader.read(data_dir, _as_stream(config), mode="train", seed=seed,
-                             deterministic=deterministic, class_weights=class_weights,
-                             input_context=input_context)
-        return stream, reason
-
-
-def _as_stream(config: PipelineConfig) -> PipelineConfig:
-    import dataclasses
-    return dataclasses.replace(config, residency="stream")
-
-
-__all__ = ["ResidentTrainSet", "ResidentRefused", "resident_or_stream", "resident_train_set",
+__all__ = ["ResidentTrainSet", "ResidentRefused", "resident_train_set",
            "required_bytes", "memory_check", "auto_refusal", "devices_of"]

@@ -32,6 +32,7 @@ from typing import Sequence
 import tensorflow as tf
 
 _MASK32 = 0xFFFFFFFF
+STEPS_PER_DRAW = 16  # batches of row indices per draw of the stream and the resident set
 _ROUNDS = 4
 
 

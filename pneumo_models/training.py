@@ -24,7 +24,7 @@ from typing import Any, Callable
 import keras
 import tensorflow as tf
 
-from pneumo_data import reader
+from pneumo_data import reader, resident
 from pneumo_data.common.files import file_sha256
 from pneumo_data.common.jobs import verbosity
 from pneumo_data.common.outputs import OutputDir
@@ -209,7 +209,6 @@ def _inputs(config, m, counts: dict[str, int], run_id: int, strategy) -> Inputs:
         if d.data_service else None
     resident_set, residency = None, "stream"
     if p.residency != "stream" and not d.data_service:
-        from pneumo_data import resident
         try:  # memory checked before anything is placed; the set read once, here
             resident_set = resident.resident_train_set(
                 data_dir, stream, seed=config.seed, deterministic=config.deterministic,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pneumo_data import resident
+from pneumo_data import reader, resident
 from pneumo_data.config import PipelineConfig
 
 ROOT = Path(__file__).parents[1]
@@ -45,14 +45,14 @@ def test_auto_places_only_on_gpus():
 
 def test_refusal_falls_back_to_the_stream_with_a_reason(prepared):
     tiny = config(residency_budget_mb=1e-4)
-    source, reason = resident.resident_or_stream(prepared, tiny, seed=0)
+    source, reason = reader.resident_or_stream(prepared, tiny, seed=0)
     assert isinstance(source, tf.data.Dataset) and "budget" in reason and "\n" not in reason
     x, y = next(iter(source))
     assert x.dtype == tf.uint8 and x.shape == (8, 16, 16, 1)
 
 
 def test_resident_batches_balance_and_walk_each_class_once_per_pass(prepared):
-    source, reason = resident.resident_or_stream(prepared, config(), seed=1,
+    source, reason = reader.resident_or_stream(prepared, config(), seed=1,
                                                  deterministic=True)
     assert reason is None
     step = tf.function(source.next_batch)
@@ -67,7 +67,7 @@ def test_resident_batches_balance_and_walk_each_class_once_per_pass(prepared):
         assert len(blocks) >= 2
         assert all(len(set(b)) == n for b in blocks) and len(set(mine)) == n
     # the same seed gives the same batches
-    again, _ = resident.resident_or_stream(prepared, config(), seed=1, deterministic=True)
+    again, _ = reader.resident_or_stream(prepared, config(), seed=1, deterministic=True)
     np.testing.assert_array_equal(tf.function(again.next_batch)()[0].numpy(), images[:8])
 
 
@@ -92,7 +92,7 @@ def test_restore_continues_the_walk_exactly(prepared):
 
 
 def test_resident_host_augmentation_runs_there(prepared):
-    source, _ = resident.resident_or_stream(prepared, config(augment="host"), seed=2)
+    source, _ = reader.resident_or_stream(prepared, config(augment="host"), seed=2)
     x, y = tf.function(source.next_batch)()
     assert x.dtype == tf.uint8 and x.shape == (8, 16, 16, 1)
 
@@ -110,10 +110,10 @@ from pneumo_models import distribute
 strategy = distribute.make_strategy("mirrored")
 import numpy as np
 import tensorflow as tf
-from pneumo_data import resident
+from pneumo_data import reader, resident
 from pneumo_data.config import PipelineConfig
 cfg = PipelineConfig(batch_size=8, image_size=16, augment="device", residency="device")
-source, reason = resident.resident_or_stream(sys.argv[1], cfg, seed=3, strategy=strategy,
+source, reason = reader.resident_or_stream(sys.argv[1], cfg, seed=3, strategy=strategy,
                                              deterministic=True)
 @tf.function
 def step():
@@ -125,7 +125,7 @@ for _ in range(6):
     per_step.append([[p.tobytes() for p in part] for part in parts])
 steps = [v.numpy().tolist() for v in strategy.experimental_local_results(source.step)]
 saved = source.checkpoint_state()
-again, _ = resident.resident_or_stream(sys.argv[1], cfg, seed=3, strategy=strategy)
+again, _ = reader.resident_or_stream(sys.argv[1], cfg, seed=3, strategy=strategy)
 again.restore(saved)
 x1, _ = step()
 x2, _ = tf.function(lambda: strategy.run(again.next_batch))()
