@@ -179,10 +179,10 @@ class ResidentTrainSet:
     Build it with :func:`resident_train_set` or :func:`pneumo_data.reader.
     resident_or_stream` (which check memory first). ``next_batch()`` gives this replica's
     ``(uint8 [b, H, W, 1], float32 [b, 1])``, ``b`` the global batch over the replicas;
-    call it inside the (compiled) train step, in replica context under a strategy. With ``augmentation`` (config
-    ``augment="host"``: "augment with the data") the batch is augmented there too
-    (:func:`pneumo_data.augment.augment_batch`, seeded by (seed, step, replica)); otherwise
-    the model's own layer does it.
+    call it inside the (compiled) train step, in replica context under a strategy. With
+    ``augmentation`` (config ``augment="host"``: "augment with the data") the batch is
+    augmented there too (:func:`pneumo_data.augment.augment_batch`, seeded by (seed, step,
+    replica)); otherwise the model's own layer does it.
     """
 
     def __init__(self, images, labels, sampler: BalancedSampler, batch_size: int,
