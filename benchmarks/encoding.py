@@ -12,6 +12,7 @@ from absl import flags
 
 from benchmarks import common
 from pneumo_data import sources
+from pneumo_data.common.errors import UserError
 from pneumo_data.common.jobs import import_tensorflow
 from pneumo_data.preprocess import PreprocessSpec, decode
 from pneumo_data.records import ENCODINGS, encode_image
@@ -25,7 +26,10 @@ FLAGS = flags.FLAGS
 
 
 def main(_):
+    if FLAGS.images < 1:
+        raise UserError(f"--images must be at least 1, got {FLAGS.images}")
     source_dir = common.source_dir(FLAGS.source_dir)  # refused before TensorFlow loads
+    common.check_writable(*common.result_paths(FLAGS.name, FLAGS.output_dir))
     tf = import_tensorflow()  # the benchmark's TensorFlow half: loaded here, once
     from pneumo_data.records_tf import decode_image
 

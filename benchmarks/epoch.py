@@ -22,7 +22,6 @@ from absl import flags
 
 from benchmarks import common
 from benchmarks.common import OLD_AUGMENTATION, class_root
-from pneumo_data import synthetic
 from pneumo_data.common.jobs import import_tensorflow
 from pneumo_models.train import train_config
 
@@ -80,14 +79,17 @@ def pneumo_recipe(data_dir: str, size: int, batch: int, steps: int, epochs: int)
     timer = _EpochTimer()
     cb = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, l: timer.begin(),
                                         on_epoch_end=lambda e, l: timer.end())
-    model.fit(stream, steps_per_epoch=steps, epochs=epochs, verbose=0, callbacks=[cb])
+    model.fit(stream, steps_per_epoch=steps, epochs=epochs, verbose=0, callbacks=[cb],
+              shuffle=False)
     return timer.times, policy, jit
 
 
 def main(argv):
     del argv
+    source_dir = common.source_dir(FLAGS.source_dir)  # refused before TensorFlow loads
+    name = FLAGS.name or f"epoch-{Path(source_dir).name}"
+    common.check_writable(*common.result_paths(name, FLAGS.output_dir, FLAGS.plot))
     import_tensorflow()  # the benchmark's TensorFlow half is imported where it is used
-    source_dir = FLAGS.source_dir or str(synthetic.default_dataset_dir())
     root = class_root(source_dir)
     size, batch = FLAGS.image_size, FLAGS.batch_size
     with common.prepared_train_folder(source_dir, "pneumo-bench-epoch-") as (
@@ -110,7 +112,6 @@ def main(argv):
     table += (f"\n\nOld recipe / pneumo, last epoch: {ratio:.2f}x. {steps} steps x {batch} "
               f"images per epoch from {source_dir} at {size}x{size}; pneumo's one-time "
               f"prepare took {prepare_seconds:.1f}s.")
-    name = FLAGS.name or f"epoch-{Path(source_dir).name}"
     path = common.write_results(name, FLAGS.output_dir, {
         "environment": common.environment(), "source_dir": source_dir, "image_size": size,
         "batch_size": batch, "steps_per_epoch": steps, "old_recipe_seconds": old,

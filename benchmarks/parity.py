@@ -120,13 +120,13 @@ def _pixels(a: np.ndarray, b: np.ndarray) -> dict:
 
 def main(argv):
     del argv
+    name = FLAGS.name or f"parity-{Path(FLAGS.source_dir).name}"
+    common.check_writable(*common.result_paths(name, FLAGS.output_dir))  # before measuring
     tf = import_tensorflow()  # the benchmark's TensorFlow half: loaded here, once
     from pneumo_data.preprocess.model_input_tf import to_model_input
     from pneumo_data.preprocess.stored_tf import decode_stored_tf
     from pneumo_models.models import load_model
 
-    name = FLAGS.name or f"parity-{Path(FLAGS.source_dir).name}"
-    common.check_writable(*common.result_paths(name, FLAGS.output_dir))  # before measuring
     run = RunDir(FLAGS.model_dir)
     model_dir = run.path
     data_dir = FLAGS.data_dir or run.data_dir()

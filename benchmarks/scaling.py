@@ -45,7 +45,6 @@ from pathlib import Path
 from absl import flags
 
 from benchmarks import common
-from pneumo_data import synthetic
 from pneumo_data.common.jobs import import_tensorflow
 from pneumo_data.prepare import PrepareConfig, prepare
 
@@ -176,7 +175,8 @@ def run_cell(cell: dict) -> dict:
     clock = _clock()
     total = -(-total // spe) * spe
     if cell["kind"] == "fit":
-        model.fit(stream(), steps_per_epoch=total, epochs=1, verbose=0, callbacks=[clock])
+        model.fit(stream(), steps_per_epoch=total, epochs=1, verbose=0, callbacks=[clock],
+                  shuffle=False)
     else:
         loop = TrainingLoop(model, strategy, optimizer=model.optimizer, loss=model.loss,
                             steps_per_execution=spe)
@@ -229,14 +229,15 @@ def _combine(results: list[dict]) -> dict:
 
 def main(argv):
     del argv
-    import_tensorflow()  # TensorFlow's start-up and C++ INFO lines filtered (see jobs)
     if FLAGS.cell:
+        import_tensorflow()  # TensorFlow's start-up and C++ INFO lines filtered (see jobs)
         print(json.dumps(run_cell(json.loads(FLAGS.cell))), flush=True)
         return
-    source_dir = FLAGS.source_dir or str(synthetic.default_dataset_dir())
+    source_dir = common.source_dir(FLAGS.source_dir)  # refused before TensorFlow loads
     size, batch, spe = FLAGS.image_size, FLAGS.batch_size, FLAGS.steps_per_execution
     name = FLAGS.name or f"scaling-{Path(source_dir).name}"
     common.check_writable(*common.result_paths(name, FLAGS.output_dir))  # before the work
+    import_tensorflow()
     work = tempfile.mkdtemp(prefix="pneumo-bench-scaling-")
     base = {"image_size": size, "batch_size": batch, "steps": FLAGS.steps,
             "warmup_steps": FLAGS.warmup_steps, "repeats": FLAGS.repeats,

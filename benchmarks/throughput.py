@@ -188,10 +188,10 @@ def augmentation_alone(size: int, batch: int, seconds: float, repeats: int) -> d
 
 def main(argv):
     del argv
+    source_dir = common.source_dir(FLAGS.source_dir)  # refused before TensorFlow loads
+    name = FLAGS.name or f"throughput-{Path(source_dir).name}"
+    common.check_writable(*common.result_paths(name, FLAGS.output_dir, FLAGS.plot))
     import_tensorflow()  # TensorFlow's start-up and C++ INFO lines filtered (see jobs)
-
-    from pneumo_data import synthetic
-    source_dir = FLAGS.source_dir or str(synthetic.default_dataset_dir())
     size, batch = FLAGS.image_size, FLAGS.batch_size
     root = class_root(source_dir)
     with common.prepared_train_folder(source_dir, "pneumo-bench-throughput-") as (
@@ -239,7 +239,6 @@ def main(argv):
               f"{fused_intensity['median'] / fused['median']:.2f}x the images/s. "
               f"Images: {train_images} from {source_dir} ({size}x{size}, batch {batch}); "
               f"prepare took {prepare_seconds:.1f}s (not in the rates).")
-    name = FLAGS.name or f"throughput-{Path(source_dir).name}"
     payload = {"environment": common.environment(), "gpu_memory": common.gpu_memory(),
                "source_dir": source_dir, "images": train_images, "image_size": size,
                "batch_size": batch, "seconds_per_repeat": FLAGS.seconds,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from pathlib import Path
 
 from absl import flags
 
@@ -44,7 +45,7 @@ def _rate(model, dataset, steps: int, warmup: int, repeats: int, batch: int) -> 
         on_train_batch_end=lambda b, logs: stamps.append(time.perf_counter()))
     warmup = max(1, warmup)
     model.fit(dataset, steps_per_epoch=warmup + repeats * steps, epochs=1, verbose=0,
-              callbacks=[clock])
+              callbacks=[clock], shuffle=False)
     return common.window_rates(stamps, warmup, steps, repeats, batch)
 
 
@@ -59,6 +60,15 @@ def _note(precision: str) -> str:
     if precision == "mixed_float16" and on_cpu:
         return "CPU: no float16 hardware path"
     return ""
+
+
+def _cell_line(cell: dict) -> str:
+    """One readable line per measured cell."""
+    what = f"{cell['model']} {cell['precision']} jit={cell['jit_compile']}"
+    if "error" in cell:
+        return f"{what}: failed: {cell['error']}"
+    rates = [f"{k} {cell[k]['median']:,.1f} img/s" for k in ("memory", "pipeline") if k in cell]
+    return f"{what}: " + ", ".join(rates)
 
 
 def run_cell(name, precision, jit, data_dir, size, batch, flags_) -> dict:
@@ -97,12 +107,11 @@ def run_cell(name, precision, jit, data_dir, size, batch, flags_) -> dict:
 
 def main(argv):
     del argv
+    source_dir = common.source_dir(FLAGS.source_dir)  # refused before TensorFlow loads
+    name = FLAGS.name or f"train_step-{Path(source_dir).name}"
+    common.check_writable(*common.result_paths(name, FLAGS.output_dir, FLAGS.plot))
     import_tensorflow()  # TensorFlow's start-up and C++ INFO lines filtered (see jobs)
-    from pathlib import Path
-
-    from pneumo_data import synthetic
     from pneumo_data.prepare import PrepareConfig, prepare
-    source_dir = FLAGS.source_dir or str(synthetic.default_dataset_dir())
     size, batch = FLAGS.image_size, FLAGS.batch_size
     work = tempfile.mkdtemp(prefix="pneumo-bench-train-step-")
     cells = []
@@ -120,7 +129,7 @@ def main(argv):
                                 "error": f"{type(error).__name__}: {error}"[:500]}
                     cell["note"] = note
                     cells.append(cell)
-                    print(cell, flush=True)
+                    print(_cell_line(cell), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -141,7 +150,6 @@ def main(argv):
     table += (f"\n\n{size}x{size}, batch {batch}, median of {FLAGS.repeats} windows of "
               f"{FLAGS.steps} steps after {FLAGS.warmup_steps} warm-up steps; weights random "
               f"(speed does not depend on them); backbones frozen as in training.")
-    name = FLAGS.name or f"train_step-{Path(source_dir).name}"
     path = common.write_results(name, FLAGS.output_dir, {
         "environment": common.environment(), "source_dir": source_dir, "image_size": size,
         "batch_size": batch, "steps": FLAGS.steps, "repeats": FLAGS.repeats, "cells": cells},

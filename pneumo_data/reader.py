@@ -240,6 +240,8 @@ def read(data_dir, config: PipelineConfig | None = None, *, mode: str = "train",
     it).
     """
     config = config or PipelineConfig()
+    if service is not None:  # the workers open the shard files from their own folders
+        data_dir = os.path.abspath(data_dir)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "train":

@@ -71,10 +71,12 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 from pneumo_data.common.config import option
 from pneumo_data.common.errors import UserError
 from pneumo_data.common.jobs import import_tensorflow
+from pneumo_data.common.outputs import lock_folder
 
 log = logging.getLogger("pneumo.service")
 
@@ -262,6 +264,20 @@ def serve(config: ServiceConfig, stop: threading.Event | None = None,
     if main_thread:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
+    lock = None
+    if config.role == "dispatcher" and config.work_dir:
+        # one dispatcher per journal: a second one would journal beside it, and a restart
+        # would replay both (released when this process ends, however it ends)
+        lock = lock_folder(Path(config.work_dir), "service dispatcher")
+    try:
+        return _serve(config, stop, stop_timeout, main_thread)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _serve(config: ServiceConfig, stop: threading.Event, stop_timeout: int,
+           main_thread: bool):
     started = _start_watched(config, stop)
     if started is None:  # stopped (SIGTERM, Ctrl-C) before the server was up
         print(f"pneumo.service: {config.role} stopped before it started", flush=True)

@@ -62,10 +62,10 @@ class PredictConfig:
     input: str | None = option(None, "An image file or a folder (searched recursively).")
     output: str = option("predictions.csv", "CSV to write.")
     threshold: float | None = option(None, "Decision threshold (default: the exported one of a "
-                                           "SavedModel, else 0.5; ignored with "
+                                           "SavedModel or .tflite, else 0.5; not with "
                                            "--threshold_from).")
     threshold_from: str | None = option(None, "A report.json from pneumo_eval.evaluate whose "
-                                              "chosen threshold to use.")
+                                              "chosen threshold to use (not with --threshold).")
     stored_size: int = option(0, "Keras models: the size the training images were stored at "
                                  "(0: from the model's data manifest).")
     resize: str | None = option(None, "Keras models: how they were resized to it, stretch or "

@@ -72,7 +72,10 @@ def _files(path: Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise PredictError(f"--input {path} does not exist")
-    return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise PredictError(f"--input {path} holds no files (searched recursively)")
+    return files
 
 
 def _threshold_from(path: str, model, tta: str = "none") -> float:
@@ -242,14 +245,16 @@ def predict(config: PredictConfig) -> Path:
         out.check()
     except OutputError as error:
         raise PredictError(f"--output: {error}") from None
+    if config.threshold is not None and config.threshold_from:
+        raise PredictError("give --threshold or --threshold_from, not both")
     if config.threshold is not None:
         try:
             check_threshold(config.threshold)
         except ValueError as error:
             raise PredictError(str(error)) from None
+    files = _files(Path(config.input))
     path = _model_path(config)
     model = _describe(config, path, _kind(path))
-    files = _files(Path(config.input))
     threshold = check_threshold(
         _threshold_from(config.threshold_from, model, config.tta) if config.threshold_from
         else config.threshold if config.threshold is not None

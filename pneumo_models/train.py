@@ -75,6 +75,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -313,8 +314,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             {c: m.count("train", c) for c in m.classes}
         if d.data_service and given is None:
             check_shards_for_service(m)
-        run.write_config(out, config.identity(), config_to_flagfile(
-            dataclasses.replace(config, overwrite=False)))
+        run.write_config(out, config.identity(), config_to_flagfile(_repeatable(config)))
         # ---- 4. Model, loop and export (pneumo_models.training).
         return training.run(config, run, out, m, counts, strategy, run_id)
     except Exception as error:
@@ -395,6 +395,16 @@ def _check_data(m, config: TrainConfig) -> dict[str, int]:
                     [c for c, n in val.items() if n == 0])
     m.verify(("train", "val"), checksums=config.pipeline.verify_checksums)
     return counts
+
+
+def _repeatable(config: TrainConfig) -> TrainConfig:
+    """The config as ``config.flags`` holds it: the same run again from any folder (its
+    paths made absolute), never an overwrite."""
+    def absolute(path):
+        return os.path.abspath(path) if path else path
+    return dataclasses.replace(config, overwrite=False, data_dir=absolute(config.data_dir),
+                               source_dir=absolute(config.source_dir),
+                               model_dir=absolute(config.model_dir))
 
 
 def _prepared(config: TrainConfig, out: OutputDir):

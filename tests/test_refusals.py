@@ -65,6 +65,15 @@ def tree(path: Path) -> dict[str, bytes]:
     ("pneumo_models.train", ["--model_dir={tmp}/o", "--residency=device",
                              "--data_service=grpc://localhost:1"], "Drop one"),
     ("pneumo_models.train", ["--model_dir={tmp}/o", "--residency=gpu"], "gpu"),
+    ("pneumo_eval.predict", ["--model=/nope", "--input={tmp}", "--output={tmp}/o.csv",
+                             "--threshold=0.3", "--threshold_from={tmp}/r.json"], "not both"),
+    ("pneumo_eval.predict", ["--model=/nope", "--input={tmp}", "--output={tmp}/o.csv"],
+     "holds no files"),
+    ("benchmarks.encoding", ["--images=0", "--output_dir={tmp}/o"], "--images"),
+    ("benchmarks.throughput", ["--source_dir=/nope", "--output_dir={tmp}/o"], "/nope"),
+    ("benchmarks.train_step", ["--source_dir=/nope", "--output_dir={tmp}/o"], "/nope"),
+    ("benchmarks.epoch", ["--source_dir=/nope", "--output_dir={tmp}/o"], "/nope"),
+    ("benchmarks.scaling", ["--source_dir=/nope", "--output_dir={tmp}/o"], "/nope"),
 ])
 def test_bad_flags_and_paths(module, args, message, tmp_path):
     line = refused(module, *(a.format(tmp=tmp_path) for a in args))
@@ -190,3 +199,23 @@ def test_imagenet_weights_offline_are_refused_before_the_run_exists(prepared, tm
                    f"--model_dir={tmp_path / 'run'}", "--model=vgg16", env=env)
     assert "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in line and "--weights=" in line
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("module,name", [
+    ("benchmarks.throughput", "x"), ("benchmarks.train_step", "x"), ("benchmarks.epoch", "x"),
+    ("benchmarks.encoding", "x"), ("benchmarks.scaling", "x"), ("benchmarks.resident_rate", "x"),
+])
+def test_benchmarks_refuse_a_foreign_result_file_before_measuring(module, name, tmp_path):
+    """A user's file where the result would go is refused before TensorFlow loads (not after
+    minutes of measuring), and stays as it was."""
+    mine = tmp_path / "out" / f"{name}.json"
+    mine.parent.mkdir()
+    mine.write_text("mine")
+    args = [f"--name={name}", f"--output_dir={mine.parent}"]
+    if module == "benchmarks.resident_rate":  # needs a prepared folder: any manifest will do
+        (tmp_path / "data").mkdir()
+        (tmp_path / "data" / "manifest.json").write_text("{}")
+        args.append(f"--data_dir={tmp_path / 'data'}")
+    line = refused(module, *args)
+    assert "not written by a pneumo benchmark" in line
+    assert mine.read_text() == "mine"

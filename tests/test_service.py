@@ -3,6 +3,7 @@ fed through them, evaluation exactly once, and a dispatcher restart."""
 
 import signal
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,7 +229,34 @@ def test_evaluation_through_the_service_yields_every_example_once(cluster, servi
     assert sorted(seen) == sorted(expected)
 
 
+def test_a_relative_data_dir_reaches_the_workers(cluster, service_data, monkeypatch):
+    """The workers open the shard files from their own working folders: the reader hands
+    them absolute paths, so a data_dir given relative to the trainer's folder works."""
+    monkeypatch.chdir(Path(service_data).parent)
+    x, y = next(iter(pneumo_data.train_dataset(Path(service_data).name, batch_size=4,
+                                               image_size=32, seed=0, augment="none",
+                                               service=cluster)))
+    assert x.shape == (4, 32, 32, 1) and y.shape == (4, 1)
+
+
 # ---------------------------------------------------------------- fault tolerance
+
+@pytest.mark.slow
+def test_a_second_dispatcher_on_the_same_journal_is_refused(tmp_path):
+    """One dispatcher per --work_dir: a second would journal beside the first, and a restart
+    would replay both journals."""
+    work_dir = tmp_path / "journal"
+    dispatcher = Server("--role=dispatcher", f"--port={free_port()}", f"--work_dir={work_dir}")
+    try:
+        dispatcher.wait_ready()
+        proc = run_module("pneumo_data.service", "--role=dispatcher", f"--port={free_port()}",
+                          f"--work_dir={work_dir}", timeout=60, tensorflow=False)
+    finally:
+        code, _ = dispatcher.stop()
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"{work_dir} is being written by pid" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert code == 0
 
 @pytest.mark.slow
 def test_a_killed_dispatcher_restarts_from_its_journal_and_the_job_goes_on(service_data,

@@ -1,5 +1,6 @@
 import csv
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -395,3 +396,24 @@ def test_a_run_resumes_under_other_spellings_of_its_paths_and_after_a_move(prepa
     # Other options are still another run.
     with pytest.raises(TrainError, match="--overwrite"):
         train(small(tmp_path / "data2", tmp_path / "moved", epochs=4))
+
+
+@pytest.mark.slow
+def test_config_flags_repeat_the_run_from_any_folder(prepared, tmp_path, monkeypatch):
+    """Relative --data_dir and --model_dir are written to config.flags as absolute paths, so
+    ``--flagfile=MODEL_DIR/config.flags`` finds the same (complete) run from another folder
+    instead of training a new one there."""
+    (tmp_path / "here").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    data = Path(os.path.relpath(prepared, tmp_path / "here"))
+    train(small(data, "run", epochs=1))
+    flags = (tmp_path / "here" / "run" / "config.flags").read_text().splitlines()
+    assert f"--data_dir={os.path.abspath(data)}" in flags
+    assert f"--model_dir={tmp_path / 'here' / 'run'}" in flags
+    proc = run_module("pneumo_models.train",
+                      f"--flagfile={tmp_path / 'here' / 'run' / 'config.flags'}",
+                      cwd=tmp_path / "elsewhere", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "already holds this complete run; nothing to do" in proc.stderr + proc.stdout
+    assert not any((tmp_path / "elsewhere").iterdir())

@@ -73,6 +73,31 @@ def _shown(names: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def lock_folder(path: Path, job: str) -> int:
+    """Creates ``path`` if needed and locks ``path/.pneumo.lock`` exclusively for this
+    process (released when the descriptor is closed or the process ends, however it ends);
+    :class:`FolderBusyError` when another process holds it. Returns the lock's descriptor."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError as error:
+        raise OutputError(f"cannot write to {path}: {error.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        if error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise FolderBusyError(
+                f"{path} is being written by pid {holder}; wait for that job to "
+                f"finish, or choose another folder") from None
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} ({job})\n".encode(), 0)
+    return fd
+
+
 class OutputDir:
     """An output folder written by one pneumo job (see the module docstring).
 
@@ -101,25 +126,8 @@ class OutputDir:
         if self.path.exists() and not self.path.is_dir():
             raise OutputError(f"{self.path} exists and is not a folder")
         self._refuse_foreign()  # before anything (even the lock file) is created
-        try:
-            self._created = not self.path.exists()
-            self.path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        except PermissionError as error:
-            raise OutputError(f"cannot write to {self.path}: {error.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            if error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise FolderBusyError(
-                    f"{self.path} is being written by pid {holder}; wait for that job to "
-                    f"finish, or choose another folder") from None
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} ({self.job})\n".encode(), 0)
-        self._fd = fd
+        self._created = not self.path.exists()
+        self._fd = lock_folder(self.path, self.job)
         try:
             self._load_ledger()
             self._refuse_foreign()  # again: another writer may have finished meanwhile
