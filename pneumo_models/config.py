@@ -14,6 +14,7 @@ MODELS = ("bn_cnn", "manual_cnn", "vgg16", "resnet50")
 FINE_TUNE_PREFIX = {"vgg16": "block5", "resnet50": "conv5"}  # the block a second phase opens
 SMALL_NETWORKS = ("bn_cnn", "manual_cnn")  # trained from scratch on one grey channel
 PREPROCESSING = ("auto", "unit", "standardize", "caffe")
+STEMS = ("conv", "patch4")  # bn_cnn's first stage (issue 20)
 
 # What "auto"/None resolve to for each network (architecture defaults, see models.py).
 NETWORK_DEFAULTS = {
@@ -60,6 +61,12 @@ class NetworkConfig:
     crop: float = option(0.0, "Fraction of the side cut from each border inside the model, "
                               "before the network (0: none; e.g. 0.05 drops burned-in labels "
                               "at the edges).")
+    stem: str = option(
+        "conv", "bn_cnn's first stage: conv (3x3 stride-2 conv to 75 px, 24 filters, then a "
+                "32-filter conv and max-pool) or patch4 (4x4 space-to-depth to 38 px, 16 "
+                "channels, then one 32-filter 3x3 conv; about 1.9x faster float32 training "
+                "on an AVX2 CPU).",
+        choices=STEMS)
 
     def validate(self) -> None:
         if self.model not in MODELS:
@@ -68,6 +75,10 @@ class NetworkConfig:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.crop < 0.25:
             raise UserError(f"--crop must be in [0, 0.25), got {self.crop}")
+        if self.stem not in STEMS:
+            raise UserError(f"--stem must be one of {STEMS}, got {self.stem!r}")
+        if self.stem != "conv" and self.model != "bn_cnn":
+            raise UserError(f"--stem={self.stem} is an option of bn_cnn, not {self.model}")
         mode = self.resolved_preprocessing
         if self.model in SMALL_NETWORKS and mode == "caffe":
             raise UserError(f"--preprocessing=caffe is the ImageNet backbones'; {self.model} "

@@ -217,3 +217,36 @@ def test_precision_resolution():
     assert precision.resolve_jit("true") is True
     with pytest.raises(ValueError):
         precision.resolve_precision("float8")
+
+
+def test_bn_cnn_patch4_stem():
+    """Issue 20: the patch4 stem replaces the 75 px stages by a 4x4 space-to-depth; the rest
+    of the network and its resolutions are unchanged."""
+    model = models.build_model("bn_cnn", image_size=150, weights="none", augment=False,
+                               stem="patch4")
+    assert model.get_layer("space_to_depth").output.shape[1:] == (38, 38, 16)
+    convs = [l for l in model.layers if isinstance(l, keras.layers.Conv2D)]
+    assert [c.filters for c in convs] == [32, 64, 128, 256]
+    assert [c.strides for c in convs] == [(1, 1)] * 4
+    assert model.get_layer("stem_relu").output.shape[1:] == (38, 38, 32)
+    assert model.get_layer("block4_relu").output.shape[1:3] == (9, 9)
+    assert "block1_conv" not in [l.name for l in model.layers]
+    with pytest.raises(UserError, match="stem"):
+        models.build_model("manual_cnn", image_size=SIZE, weights="none", stem="patch4")
+    with pytest.raises(UserError, match="stem"):
+        models.build_model("bn_cnn", image_size=SIZE, weights="none", stem="patch8")
+
+
+def test_space_to_depth_pads_by_mirroring_and_moves_patches_into_channels(tmp_path):
+    from pneumo_models.layers import SpaceToDepth
+    x = np.arange(2 * 6 * 6, dtype="float32").reshape(2, 6, 6, 1)
+    y = SpaceToDepth(4)(x).numpy()  # 6 -> padded to 8 (one mirrored row/column each side)
+    assert y.shape == (2, 2, 2, 16)
+    padded = np.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)], mode="symmetric")
+    np.testing.assert_array_equal(y[0, 0, 1].reshape(4, 4), padded[0, 0:4, 4:8, 0])
+    model = models.build_model("bn_cnn", image_size=SIZE, weights="none", stem="patch4",
+                               seed=0)
+    model.save(tmp_path / "m.keras")
+    images, _ = tiny_data()
+    np.testing.assert_allclose(models.load_model(tmp_path / "m.keras").predict(images, verbose=0),
+                               model.predict(images, verbose=0), rtol=1e-6, atol=1e-6)
