@@ -14,14 +14,14 @@ MODELS = ("bn_cnn", "manual_cnn", "vgg16", "resnet50")
 FINE_TUNE_PREFIX = {"vgg16": "block5", "resnet50": "conv5"}  # the block a second phase opens
 SMALL_NETWORKS = ("bn_cnn", "manual_cnn")  # trained from scratch on one grey channel
 PREPROCESSING = ("auto", "unit", "standardize", "caffe")
-STEMS = ("conv", "patch4")  # bn_cnn's first stage (issue 20)
+STEMS = ("auto", "conv", "patch4")  # bn_cnn's first stage (issue 20)
 
 # What "auto"/None resolve to for each network (architecture defaults, see models.py).
 NETWORK_DEFAULTS = {
-    "bn_cnn": {"dropout": 0.3, "preprocessing": "standardize"},
-    "manual_cnn": {"dropout": 0.5, "preprocessing": "standardize"},
-    "vgg16": {"dropout": 0.5, "preprocessing": "caffe"},
-    "resnet50": {"dropout": 0.0, "preprocessing": "caffe"},  # no dropout layer
+    "bn_cnn": {"dropout": 0.3, "preprocessing": "standardize", "stem": "patch4"},
+    "manual_cnn": {"dropout": 0.5, "preprocessing": "standardize", "stem": "conv"},
+    "vgg16": {"dropout": 0.5, "preprocessing": "caffe", "stem": "conv"},
+    "resnet50": {"dropout": 0.0, "preprocessing": "caffe", "stem": "conv"},  # no dropout
 }
 OPTIMIZERS = ("adamw", "adam")
 SCHEDULES = ("cosine", "constant")
@@ -62,10 +62,11 @@ class NetworkConfig:
                               "before the network (0: none; e.g. 0.05 drops burned-in labels "
                               "at the edges).")
     stem: str = option(
-        "conv", "bn_cnn's first stage: conv (3x3 stride-2 conv to 75 px, 24 filters, then a "
-                "32-filter conv and max-pool) or patch4 (4x4 space-to-depth to 38 px, 16 "
-                "channels, then one 32-filter 3x3 conv; about 1.9x faster float32 training "
-                "on an AVX2 CPU).",
+        "auto", "bn_cnn's first stage: patch4 (4x4 space-to-depth to 38 px, 16 channels, then "
+                "one 32-filter 3x3 conv; issue 20: 1.9x the float32 training speed of conv on "
+                "an AVX2 CPU at equal quality) or conv (the issue-10 stem: 3x3 stride-2 conv to "
+                "75 px, 24 filters, then a 32-filter conv and max-pool); auto: patch4 for "
+                "bn_cnn (the other networks have no stem option).",
         choices=STEMS)
 
     def validate(self) -> None:
@@ -77,7 +78,7 @@ class NetworkConfig:
             raise UserError(f"--crop must be in [0, 0.25), got {self.crop}")
         if self.stem not in STEMS:
             raise UserError(f"--stem must be one of {STEMS}, got {self.stem!r}")
-        if self.stem != "conv" and self.model != "bn_cnn":
+        if self.stem not in ("auto", "conv") and self.model != "bn_cnn":
             raise UserError(f"--stem={self.stem} is an option of bn_cnn, not {self.model}")
         mode = self.resolved_preprocessing
         if self.model in SMALL_NETWORKS and mode == "caffe":
@@ -90,6 +91,10 @@ class NetworkConfig:
     @property
     def resolved_preprocessing(self) -> str:
         return network_default(self.model, "preprocessing", self.preprocessing)
+
+    @property
+    def resolved_stem(self) -> str:
+        return network_default(self.model, "stem", self.stem)
 
     @property
     def resolved_dropout(self) -> float:

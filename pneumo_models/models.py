@@ -5,16 +5,18 @@ device), the preprocessing its network expects (:class:`pneumo_models.layers.Pre
 ``unit``, ``standardize`` or ``caffe``, after an optional border ``crop``), the network,
 and a float32 sigmoid output, so a saved model is self-contained and serves raw images.
 
-* ``bn_cnn`` (the default, issue 10): Conv 3x3 stride 2, 24 filters, BN, ReLU; then
-  four blocks of Conv 3x3 (32, 64, 128, 256 filters), BN, ReLU, with MaxPool 2x2
-  after the first three; global average pooling, Dropout(0.3), Dense(1, sigmoid).
-  "same" padding, no conv bias (batch norm has one). About 396k parameters and 113M
-  multiply-adds per 150 px image: the manual CNN's compute with 27x fewer parameters.
-  Default preprocessing: standardize. ``stem="patch4"`` (issue 20) replaces the stem, the
-  first block and its pool by a 4x4 space-to-depth (38 x 38 x 16 at 150 px) and one 3x3
-  conv of 32 filters, BN, ReLU (named ``stem``): the rest is the same network at the same
-  resolutions; about 84M multiply-adds (113M) and 1.9x the float32 training images/s on an
-  AVX2 CPU (benchmarks/results/train_step-stems-chest_xray_224.md).
+* ``bn_cnn`` (the default, issue 10), with ``stem="conv"``: Conv 3x3 stride 2, 24 filters,
+  BN, ReLU; then four blocks of Conv 3x3 (32, 64, 128, 256 filters), BN, ReLU, with
+  MaxPool 2x2 after the first three; global average pooling, Dropout(0.3), Dense(1,
+  sigmoid). "same" padding, no conv bias (batch norm has one). About 396k parameters and
+  113M multiply-adds per 150 px image: the manual CNN's compute with 27x fewer parameters.
+  Default preprocessing: standardize. ``stem="patch4"`` (issue 20; the default, ``auto``)
+  replaces the stem, the first block and its pool by a 4x4 space-to-depth (38 x 38 x 16 at
+  150 px) and one 3x3 conv of 32 filters, BN, ReLU (named ``stem``): the rest is the same
+  network at the same resolutions; about 84M multiply-adds and 1.9x the float32 training
+  images/s on an AVX2 CPU (benchmarks/results/train_step-stems-chest_xray_224.md), the
+  same resplit-test and shift-suite quality within seed noise
+  (benchmarks/results/generalisation.md).
 * ``manual_cnn``: exactly the old architecture: Conv2D(32, 3x3, relu),
   MaxPool 2x2, Conv2D(64, 3x3, relu), MaxPool 2x2, Flatten, Dense(128, relu),
   Dropout(0.5), Dense(1, sigmoid). Default preprocessing: standardize (the seed
@@ -111,7 +113,7 @@ def build_model(name: str, *, image_size: int = 150, weights: str = "auto",
                 augment: bool | AugmentConfig | None = True, augment_backend: str = "fused",
                 precision: str = "float32", dropout: float | None = None,
                 preprocessing: str = "auto", crop: float = 0.0, seed: int | None = None,
-                stem: str = "conv") -> keras.Model:
+                stem: str = "auto") -> keras.Model:
     """Builds ``name`` (one of MODELS) for uint8 [image_size, image_size, 1] input.
 
     Args:
@@ -126,7 +128,8 @@ def build_model(name: str, *, image_size: int = 150, weights: str = "auto",
       crop: fraction of the side cut from each border before the network (inside the model).
       seed: seeds the weight initializers and the augmentation layer (reproducible
         builds and draws).
-      stem: bn_cnn's first stage, ``conv`` or ``patch4`` (see the module docstring).
+      stem: bn_cnn's first stage, ``conv`` or ``patch4``; ``auto``: patch4 for bn_cnn (see
+        the module docstring).
     """
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}; choose one of {MODELS}")
@@ -148,7 +151,7 @@ def build_model(name: str, *, image_size: int = 150, weights: str = "auto",
             x = layer(x)
         x = Preprocess(network.resolved_preprocessing, crop=crop, name="preprocess")(x)
         if name == "bn_cnn":
-            x = _bn_cnn(x, dropout, stem)
+            x = _bn_cnn(x, dropout, network.resolved_stem)
         elif name == "manual_cnn":
             x = keras.layers.Conv2D(32, 3, activation="relu", name="conv1")(x)
             x = keras.layers.MaxPooling2D(2, name="pool1")(x)

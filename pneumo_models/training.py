@@ -267,7 +267,7 @@ def _model(config, strategy, numerics: Numerics, schedule, run_dir: RunDir, stat
                 augment_backend="gather" if numerics.jit else "fused",
                 precision=numerics.precision, dropout=network.resolved_dropout,
                 seed=config.seed, preprocessing=network.resolved_preprocessing,
-                crop=network.crop, stem=network.stem)
+                crop=network.crop, stem=network.resolved_stem)
             _compile(model, config, schedule, numerics.jit)
         return model
 
