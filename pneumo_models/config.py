@@ -118,6 +118,12 @@ class OptimizerConfig:
                                    "of the learning rate.")
     label_smoothing: float = option(0.1, "Binary cross-entropy label smoothing (0: none).")
     fine_tune_learning_rate: float = option(1e-5, "Learning rate of the fine-tuning phase.")
+    ema_momentum: float = option(
+        0.0, "Exponential moving average of the trainable weights, updated every step with this "
+             "momentum (e.g. 0.99: about the last 100 steps); the averaged weights replace the "
+             "trained ones at the end of each phase, so model.keras, the export and run.json's "
+             "val metrics are the average's, and trained.keras keeps the last trained weights "
+             "(0: off; history.csv and best.keras are the trained weights').")
 
     def validate(self) -> None:
         for name in ("learning_rate", "fine_tune_learning_rate"):
@@ -133,6 +139,8 @@ class OptimizerConfig:
             raise UserError(f"--warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if not 0 < self.lr_floor <= 1:
             raise UserError(f"--lr_floor must be in (0, 1], got {self.lr_floor}")
+        if not 0 <= self.ema_momentum < 1:
+            raise UserError(f"--ema_momentum must be in [0, 1), got {self.ema_momentum}")
         if not 0 <= self.label_smoothing < 0.5:
             raise UserError(f"--label_smoothing must be in [0, 0.5), got "
                             f"{self.label_smoothing}")

@@ -11,6 +11,8 @@
                                   phase2.json (removed when the run completes)
       best.keras                  the best val AUC's model
       model.keras                 the shipped model
+      trained.keras               with --ema_momentum: the last epoch's trained weights (the
+                                  shipped model holds their moving average)
       export/                     the export job's folder: saved_model/, litert/
       run.json                    the run record (:class:`RunRecord`), written last: its
                                   presence marks a complete run
@@ -43,6 +45,7 @@ RUN = "run.json"
 HISTORY = "history.csv"
 MODEL = "model.keras"
 BEST = "best.keras"
+TRAINED = "trained.keras"  # with --ema_momentum: the weights before averaging
 LOGS = "logs"
 DATA = "data"
 RESUME = "resume"
@@ -119,6 +122,11 @@ class RunDir:
     @property
     def best_path(self) -> Path:
         return self.path / BEST
+
+    @property
+    def trained_path(self) -> Path:
+        """With ``--ema_momentum``: the last trained weights, before averaging."""
+        return self.path / TRAINED
 
     @property
     def history_path(self) -> Path:

@@ -9,6 +9,11 @@
     loop      the time budget, callbacks and phases (a second phase fine-tunes a backbone)
     export    model.keras, the serving SavedModel, the final val metrics, run.json
 
+With ``--ema_momentum`` the optimizer keeps a moving average of the trainable weights and the
+loop writes it into the model at the end of each phase (:meth:`TrainingLoop.finalize`, the
+same for the stream and the device-resident set): the shipped ``model.keras``, its export and
+run.json's val metrics are the average's; ``trained.keras`` keeps the last trained weights.
+
 The files all go through :class:`pneumo_models.rundir.RunDir` and the job's OutputDir.
 """
 
@@ -34,7 +39,16 @@ from pneumo_models.config import FINE_TUNE_PREFIX, TrainError
 from pneumo_models.export_dir import export_into_model_dir
 from pneumo_models.loop import EvalInput, TrainingLoop
 from pneumo_models.precision import resolve_jit, resolve_precision
-from pneumo_models.rundir import BEST, HISTORY, LOGS, RESUME, RunDir, RunDirError, RunRecord
+from pneumo_models.rundir import (
+    BEST,
+    HISTORY,
+    LOGS,
+    RESUME,
+    TRAINED,
+    RunDir,
+    RunDirError,
+    RunRecord,
+)
 
 log = logging.getLogger("pneumo.train")
 
@@ -87,6 +101,11 @@ def run(config, run_dir: RunDir, out: OutputDir, m, counts: dict[str, int], stra
         schedule = optim.schedule_for(config.optimizer, inputs.steps, plan or config.epochs,
                                       numerics.learning_rate)
     model, initial_epoch = _model(config, strategy, numerics, schedule, run_dir, state, phase)
+    if (state or {}).get("finished"):
+        # The phase's epochs all ran in an earlier process: its resume weights are the trained
+        # ones; with --ema_momentum the loaded optimizer's average replaces them, as at the
+        # end of that phase's fit (a no-op without an average).
+        _loop(model, strategy, numerics, inputs, config).finalize()
 
     # ---- loop: the time budget, the callbacks, one or two phases
     budget = cb.TimeBudget(
@@ -336,6 +355,8 @@ class _Fit:
             keras.callbacks.TensorBoard(str(run_dir.logs_path)),
             cb.BestCheckpoint(out, BEST, initial_best=run_dir.best_so_far()),
         ]
+        if config.optimizer.ema_momentum:  # the shipped model is the average: keep these too
+            callbacks.append(cb.KeepTrainedWeights(out, TRAINED))
         if phase_no == 1:
             callbacks.append(self.budget)  # before Resume, which saves its plan
         callbacks.append(cb.Resume(out, run_dir, phase_no, guard, self.budget,
