@@ -106,12 +106,16 @@ class TimeBudget(keras.callbacks.Callback):
     ``seconds`` counts the training time of earlier processes of a resumed run.
 
     ``agree(plan)`` returns the plan every worker of a cluster uses (the chief's), so all
-    of them stop at the same epoch.
+    of them stop at the same epoch. With ``--budget_plan=probe``, ``plan`` starts as the
+    probe's epochs, ``seconds`` as the probe's time, and ``image_size`` and ``probe`` (the
+    size and plan chosen before training) are saved with the resume state and recorded.
     """
 
     def __init__(self, minutes: float, epochs: int, steps_per_epoch: int, schedule=None,
-                 plan: int | None = None, seconds: float = 0.0, agree=None):
+                 plan: int | None = None, seconds: float = 0.0, agree=None,
+                 image_size: int | None = None, probe: dict | None = None):
         super().__init__()
+        self.image_size, self.probe = image_size, probe
         self.budget = minutes * 60.0
         self.epochs, self.steps_per_epoch, self.schedule = epochs, steps_per_epoch, schedule
         self.plan, self.seconds, self.agree = plan, float(seconds), agree or (lambda p: p)
@@ -142,6 +146,7 @@ class TimeBudget(keras.callbacks.Callback):
 
     def record(self) -> dict:
         return {"minutes": self.budget / 60.0, "epochs_planned": self.plan,
+                "image_size": self.image_size, "probe": self.probe,
                 "training_seconds": round(self.seconds, 1),
                 "epoch_seconds": [round(s, 1) for s in self.epoch_seconds]}
 
@@ -220,6 +225,8 @@ class Resume(keras.callbacks.Callback):
                  **(self.more() if self.more else {})}
         if self.budget is not None:
             state.update(plan=self.budget.plan, seconds=self.budget.seconds)
+            if self.budget.probe:  # the size and plan chosen before training
+                state.update(image_size=self.budget.image_size, probe=self.budget.probe)
         self.run_dir.write_resume_state(self.out, state)
         for old in sorted((self.out.path / self.folder).glob("model-*.weights.h5")):
             if old.name != name and self.out.owns(f"{self.folder}/{old.name}"):

@@ -88,7 +88,8 @@ class RunRecord:
     train_counts: dict[str, int]
     val_metrics: dict[str, float]
     history: list[dict[str, float]]
-    time_budget: dict[str, Any]
+    time_budget: dict[str, Any]   # TimeBudget.record(): the plan, image_size and probe of
+                                  # --budget_plan=probe, the epochs' durations
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

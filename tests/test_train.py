@@ -467,3 +467,55 @@ def test_ema_on_the_device_resident_set_ships_the_averaged_weights(prepared, tmp
     run = train(small(prepared, out, epochs=2, ema_momentum=0.5, residency="device"))
     assert run["distribution"]["residency"] == "device"
     _assert_ships_the_average(prepared, out, run)
+
+
+@pytest.mark.slow
+def test_budget_plan_probe_plans_size_and_epochs_before_training(prepared, tmp_path,
+                                                                 monkeypatch):
+    """--budget_plan=probe: a probe's step time says 2 of 4 epochs fit at 40 px but 4 at a
+    smaller size; the job times that size too, trains there and records the plan."""
+    from pneumo_models import budget
+    from pneumo_models.models import load_model
+    real_plan = budget.plan_budget
+
+    def fake_plan(minutes, **kw):  # 3 steps per epoch; as if a step took 10 s at 40 px
+        return real_plan(minutes, **{**kw, "step_seconds": 10.0, "overhead_seconds": 0.0,
+                                     "margin": 1.0, "sizes": (40, 32), "min_epochs": 4})
+    monkeypatch.setattr(budget, "plan_budget", fake_plan)
+    # 40 px: 30 s per epoch + 10 s val; 32 px: 19.2 + 6.4 s; 105 s fit 4 epochs at 32 px only
+    run = train(small(prepared, tmp_path / "run", image_size=40, epochs=4,
+                      time_budget_minutes=105 / 60, budget_plan="probe"))
+    record = run["time_budget"]
+    assert record["image_size"] == 32 and record["probe"]["epochs"] == 4
+    assert record["probe"]["reason"].endswith("4 epochs fit at 32 px")
+    assert set(record["probe"]["probe_step_seconds"]) == {"40", "32"}  # both sizes timed
+    assert min(record["probe"]["probe_step_seconds"].values()) > 0
+    assert record["training_seconds"] >= record["probe"]["probe_seconds"] > 0  # counted
+    assert load_model(tmp_path / "run" / "model.keras").inputs[0].shape[1] == 32
+    assert epochs_in(tmp_path / "run" / "history.csv") == [0, 1, 2, 3]
+    # the job refuses a probe without a budget to plan
+    with pytest.raises(TrainError, match="budget_plan=probe"):
+        train(small(prepared, tmp_path / "none", budget_plan="probe", time_budget_minutes=0))
+
+
+@pytest.mark.slow
+def test_a_probe_plan_survives_a_kill(prepared, tmp_path):
+    """The planned size and the probe's plan are saved with the resume state: the resumed
+    run trains on at that size (no second probe) and run.json records the first plan."""
+    out = tmp_path / "run"
+    config = small(prepared, out, image_size=40, epochs=4, time_budget_minutes=105 / 60,
+                   budget_plan="probe")
+    train_killed(config, (
+        "from pneumo_models import budget\n"
+        "real_plan = budget.plan_budget\n"
+        "budget.plan_budget = lambda minutes, **kw: real_plan(minutes, **{**kw, "
+        "'step_seconds': 10.0, 'overhead_seconds': 0.0, 'margin': 1.0, 'sizes': (40, 32), "
+        "'min_epochs': 4})\n" + KILL_AFTER_SECOND_EPOCH))
+    state = json.loads((out / "resume" / "state.json").read_text())
+    assert state["image_size"] == 32 and state["probe"]["epochs"] == 4
+    run = train(config)
+    assert run["time_budget"]["image_size"] == 32
+    assert run["time_budget"]["probe"] == state["probe"]
+    assert epochs_in(out / "history.csv") == [0, 1, 2, 3]
+    from pneumo_models.models import load_model
+    assert load_model(out / "model.keras").inputs[0].shape[1] == 32
