@@ -51,6 +51,11 @@ zero-weight examples to the same number of full batches, so shapes stay static
 holds fewer examples than there are replicas. The count is checked after each
 pass.
 
+At the end of ``fit`` (after the last epoch, or a stop) the optimizer's
+``finalize_variable_values`` runs, as in Keras's ``fit``: with a weight average
+(``use_ema``, ``--ema_momentum``) the model then holds the averaged weights, on the
+stream and on a device-resident set alike (:meth:`TrainingLoop.finalize`).
+
 Callbacks get what ``fit`` gives them (``keras.callbacks.CallbackList`` with
 History and, when verbose, the progress bar): ``on_train_begin``,
 ``on_epoch_begin``, ``on_train_batch_begin/end`` (once per execution of
@@ -390,10 +395,19 @@ class TrainingLoop:
             callbacks.on_epoch_end(epoch, epoch_logs)
             if model.stop_training:
                 break
-        if epochs > initial_epoch:
-            self.optimizer.finalize_variable_values(model.trainable_variables)
+        self.finalize()
         callbacks.on_train_end(logs=epoch_logs)
         return model.history
+
+    def finalize(self) -> None:
+        """What ``fit`` does at its end, as Keras's ``fit`` does: the optimizer's
+        ``finalize_variable_values``, which with a weight average (``use_ema``) writes the
+        average into the model's trainable weights. Only once the optimizer has taken a step
+        (its average is empty before); a run resumed after its last epoch calls it with the
+        optimizer state it loaded. A no-op without an average."""
+        optimizer = self.optimizer
+        if optimizer is not None and int(optimizer.iterations.numpy()) > 0:
+            optimizer.finalize_variable_values(self.model.trainable_variables)
 
     def evaluate(self, validation: EvalInput,
                  callbacks: keras.callbacks.CallbackList | None = None) -> dict[str, float]:

@@ -5,12 +5,18 @@ device), the preprocessing its network expects (:class:`pneumo_models.layers.Pre
 ``unit``, ``standardize`` or ``caffe``, after an optional border ``crop``), the network,
 and a float32 sigmoid output, so a saved model is self-contained and serves raw images.
 
-* ``bn_cnn`` (the default, issue 10): Conv 3x3 stride 2, 24 filters, BN, ReLU; then
-  four blocks of Conv 3x3 (32, 64, 128, 256 filters), BN, ReLU, with MaxPool 2x2
-  after the first three; global average pooling, Dropout(0.3), Dense(1, sigmoid).
-  "same" padding, no conv bias (batch norm has one). About 396k parameters and 113M
-  multiply-adds per 150 px image: the manual CNN's compute with 27x fewer parameters.
-  Default preprocessing: standardize.
+* ``bn_cnn`` (the default, issue 10), with ``stem="conv"``: Conv 3x3 stride 2, 24 filters,
+  BN, ReLU; then four blocks of Conv 3x3 (32, 64, 128, 256 filters), BN, ReLU, with
+  MaxPool 2x2 after the first three; global average pooling, Dropout(0.3), Dense(1,
+  sigmoid). "same" padding, no conv bias (batch norm has one). About 396k parameters and
+  113M multiply-adds per 150 px image: the manual CNN's compute with 27x fewer parameters.
+  Default preprocessing: standardize. ``stem="patch4"`` (issue 20; the default, ``auto``)
+  replaces the stem, the first block and its pool by a 4x4 space-to-depth (38 x 38 x 16 at
+  150 px) and one 3x3 conv of 32 filters, BN, ReLU (named ``stem``): the rest is the same
+  network at the same resolutions; about 84M multiply-adds and 1.9x the float32 training
+  images/s on an AVX2 CPU (benchmarks/results/train_step-stems-chest_xray_224.md), the
+  same resplit-test and shift-suite quality within seed noise
+  (benchmarks/results/generalisation.md).
 * ``manual_cnn``: exactly the old architecture: Conv2D(32, 3x3, relu),
   MaxPool 2x2, Conv2D(64, 3x3, relu), MaxPool 2x2, Flatten, Dense(128, relu),
   Dropout(0.5), Dense(1, sigmoid). Default preprocessing: standardize (the seed
@@ -44,7 +50,7 @@ from pneumo_data.common.errors import UserError
 from pneumo_data.config import AugmentConfig
 from pneumo_models import optim  # noqa: F401  (registers WarmupCosine for load_model)
 from pneumo_models.config import MODELS, SMALL_NETWORKS, NetworkConfig
-from pneumo_models.layers import Preprocess
+from pneumo_models.layers import Preprocess, SpaceToDepth
 from pneumo_models.precision import dtype_policy
 from pneumo_models.recipes import network_zoom
 
@@ -77,8 +83,9 @@ def _augmentation(name: str, augment, backend: str, seed: int | None):
     return RandomAffine(**dataclasses.asdict(params), backend=backend, seed=seed, name="augment")
 
 
-def _bn_cnn(x, dropout: float):
-    """The issue-10 network (see the module docstring); conv layers named stem, conv1-conv4."""
+def _bn_cnn(x, dropout: float, stem: str = "conv"):
+    """The issue-10 network (see the module docstring); blocks named stem, block1-block4
+    (``stem="patch4"``: stem then block2-block4)."""
     layers = keras.layers
 
     def block(x, filters, name, strides=1):
@@ -87,8 +94,14 @@ def _bn_cnn(x, dropout: float):
         x = layers.BatchNormalization(name=f"{name}_bn")(x)
         return layers.ReLU(name=f"{name}_relu")(x)
 
-    x = block(x, 24, "stem", strides=2)
-    for i, filters in enumerate((32, 64, 128, 256), start=1):
+    widths = list(enumerate((32, 64, 128, 256), start=1))
+    if stem == "patch4":
+        x = SpaceToDepth(4, name="space_to_depth")(x)
+        x = block(x, 32, "stem")
+        widths = widths[1:]
+    else:
+        x = block(x, 24, "stem", strides=2)
+    for i, filters in widths:
         x = block(x, filters, f"block{i}")
         if i < 4:
             x = layers.MaxPooling2D(2, name=f"pool{i}")(x)
@@ -99,8 +112,8 @@ def _bn_cnn(x, dropout: float):
 def build_model(name: str, *, image_size: int = 150, weights: str = "auto",
                 augment: bool | AugmentConfig | None = True, augment_backend: str = "fused",
                 precision: str = "float32", dropout: float | None = None,
-                preprocessing: str = "auto", crop: float = 0.0, seed: int | None = None
-                ) -> keras.Model:
+                preprocessing: str = "auto", crop: float = 0.0, seed: int | None = None,
+                stem: str = "auto") -> keras.Model:
     """Builds ``name`` (one of MODELS) for uint8 [image_size, image_size, 1] input.
 
     Args:
@@ -115,13 +128,15 @@ def build_model(name: str, *, image_size: int = 150, weights: str = "auto",
       crop: fraction of the side cut from each border before the network (inside the model).
       seed: seeds the weight initializers and the augmentation layer (reproducible
         builds and draws).
+      stem: bn_cnn's first stage, ``conv`` or ``patch4``; ``auto``: patch4 for bn_cnn (see
+        the module docstring).
     """
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}; choose one of {MODELS}")
     if not isinstance(image_size, int) or image_size < 32:
         raise UserError(f"image_size must be an integer >= 32, got {image_size!r}")
     network = NetworkConfig(model=name, dropout=dropout, preprocessing=preprocessing,
-                            crop=crop)
+                            crop=crop, stem=stem)
     network.validate()
     if name in SMALL_NETWORKS and weights == "imagenet":
         raise UserError(f"{name} has no ImageNet weights; use --weights=none or a file")
@@ -136,7 +151,7 @@ def build_model(name: str, *, image_size: int = 150, weights: str = "auto",
             x = layer(x)
         x = Preprocess(network.resolved_preprocessing, crop=crop, name="preprocess")(x)
         if name == "bn_cnn":
-            x = _bn_cnn(x, dropout)
+            x = _bn_cnn(x, dropout, network.resolved_stem)
         elif name == "manual_cnn":
             x = keras.layers.Conv2D(32, 3, activation="relu", name="conv1")(x)
             x = keras.layers.MaxPooling2D(2, name="pool1")(x)

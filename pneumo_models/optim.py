@@ -101,12 +101,18 @@ def schedule_for(config: OptimizerConfig, steps_per_epoch: int, epochs: int,
 
 def make_optimizer(config: OptimizerConfig, learning_rate) -> keras.optimizers.Optimizer:
     """Adam or AdamW (kernels only decayed) with ``learning_rate`` (a float or a schedule).
-    Create it inside the strategy's scope."""
+    With ``ema_momentum`` the optimizer keeps an exponential moving average of the trainable
+    weights (Keras's ``use_ema``, updated in every ``apply``; its variables are saved with the
+    optimizer's, so a resumed run keeps it) and ``finalize_variable_values`` writes the average
+    into the model: :class:`pneumo_models.loop.TrainingLoop` calls it at the end of ``fit``, on
+    the stream and on the device-resident set alike. Create it inside the strategy's scope."""
+    ema = {"use_ema": True, "ema_momentum": config.ema_momentum} if config.ema_momentum else {}
     if config.optimizer == "adamw":
-        optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=config.weight_decay)
+        optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=config.weight_decay,
+                                           **ema)
         optimizer.exclude_from_weight_decay(var_names=list(NO_DECAY))
         return optimizer
-    return keras.optimizers.Adam(learning_rate)
+    return keras.optimizers.Adam(learning_rate, **ema)
 
 
 def make_loss(config: OptimizerConfig) -> keras.losses.Loss:

@@ -204,15 +204,24 @@ def _calibration_lines(calibration: dict | None) -> list[str]:
                  f"temperature T = {calibration['temperature']:.3f}, Platt a = "
                  f"{calibration['platt']['a']:.3f}, b = {calibration['platt']['b']:.3f}); "
                  f"a monotone map, so sensitivity and specificity at the val-chosen threshold "
-                 f"do not change:", "",
-             "| split | ECE raw | after temperature | after Platt | mean probability | "
-             "fraction pneumonia |", "|---|---|---|---|---|---|"]
+                 f"do not change. A calibration fitted on val holds only at val's prevalence "
+                 f"(fraction pneumonia below): on a population with another prevalence its "
+                 f"probabilities are off even when the images are alike. The column after "
+                 f"Platt + prior correction moves the Platt probabilities to the evaluated "
+                 f"split's prevalence as estimated from its unlabelled scores (EM, Saerens et "
+                 f"al. 2002):", "",
+             "| split | ECE raw | after temperature | after Platt | after Platt + prior "
+             "correction | mean probability | fraction pneumonia (estimated) |",
+             "|---|---|---|---|---|---|---|"]
     for key, name in (("val", "val (fitted here)"), ("evaluated", "evaluated split")):
         c = calibration.get(key)
         if c:
+            prior = f"{c['ece_platt_prior']:.3f}" if "ece_platt_prior" in c else "-"
+            estimated = (f" ({c['estimated_prevalence']:.3f})" if "estimated_prevalence" in c
+                         else "")
             lines.append(f"| {name} | {c['ece']:.3f} | {c['ece_temperature']:.3f} | "
-                         f"{c['ece_platt']:.3f} | {c['mean_probability']:.3f} | "
-                         f"{c['positive_fraction']:.3f} |")
+                         f"{c['ece_platt']:.3f} | {prior} | {c['mean_probability']:.3f} | "
+                         f"{c['positive_fraction']:.3f}{estimated} |")
     return lines
 
 

@@ -11,6 +11,8 @@
                                   phase2.json (removed when the run completes)
       best.keras                  the best val AUC's model
       model.keras                 the shipped model
+      trained.keras               with --ema_momentum: the last epoch's trained weights (the
+                                  shipped model holds their moving average)
       export/                     the export job's folder: saved_model/, litert/
       run.json                    the run record (:class:`RunRecord`), written last: its
                                   presence marks a complete run
@@ -43,6 +45,7 @@ RUN = "run.json"
 HISTORY = "history.csv"
 MODEL = "model.keras"
 BEST = "best.keras"
+TRAINED = "trained.keras"  # with --ema_momentum: the weights before averaging
 LOGS = "logs"
 DATA = "data"
 RESUME = "resume"
@@ -85,7 +88,8 @@ class RunRecord:
     train_counts: dict[str, int]
     val_metrics: dict[str, float]
     history: list[dict[str, float]]
-    time_budget: dict[str, Any]
+    time_budget: dict[str, Any]   # TimeBudget.record(): the plan, image_size and probe of
+                                  # --budget_plan=probe, the epochs' durations
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -119,6 +123,11 @@ class RunDir:
     @property
     def best_path(self) -> Path:
         return self.path / BEST
+
+    @property
+    def trained_path(self) -> Path:
+        """With ``--ema_momentum``: the last trained weights, before averaging."""
+        return self.path / TRAINED
 
     @property
     def history_path(self) -> Path:

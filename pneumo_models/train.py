@@ -33,7 +33,9 @@ best val AUC's), ``export/saved_model/`` (the serving SavedModel of
 identity, final val metrics; written last, it marks the run complete; it records the recipe,
 the time budget's plan and the epochs' durations). The default recipe has a 13-minute
 training budget (``--time_budget_minutes``): after the first and second epochs the job plans
-how many of ``--epochs`` fit and shortens the cosine so it still ends on the last of them.
+how many of ``--epochs`` fit and shortens the cosine so it still ends on the last of them;
+``--budget_plan=probe`` plans the image size and the epochs before training instead, from a
+few timed steps (:mod:`pneumo_models.budget`), and records the plan in run.json.
 The files and their formats are :mod:`pneumo_models.rundir`'s.
 The folder is locked while the job runs, and a ledger lists what the job wrote: the job
 never deletes or rewrites anything else, and ``--overwrite`` replaces only its own files. A
@@ -118,6 +120,7 @@ log = logging.getLogger("pneumo.train")
 
 BALANCE_MODES = ("resample", "class_weight", "none")
 SHIP_CHOICES = ("last", "best")
+BUDGET_PLANS = ("epochs", "probe")
 
 __all__ = ["TrainConfig", "TrainError", "train", "train_config"]
 
@@ -160,6 +163,12 @@ class TrainConfig:
         13.0, "Training time budget: after the first and second epochs the job plans as "
               "many epochs as fit (at most --epochs) and the schedule ends on the last of "
               "them (0: none).")
+    budget_plan: str = option(
+        "epochs", "How the time budget plans: epochs (after the first and second epochs, "
+                  "cutting epochs only) or probe (before training, from a few timed steps of "
+                  "a throwaway copy of the network: cuts epochs above 5 first, then the image "
+                  "size down to 128 and 112 px, see pneumo_models.budget; the epoch-end "
+                  "replanning still applies).", choices=BUDGET_PLANS)
     steps_per_epoch: int = option(0, "Batches per epoch (0: the train split once).")
     overwrite: bool = option(
         False, "Start over in a model_dir that holds another run of this job (only the files "
@@ -202,6 +211,9 @@ class TrainConfig:
         if not (self.time_budget_minutes >= 0 and math.isfinite(self.time_budget_minutes)):
             raise TrainError(f"--time_budget_minutes must be >= 0, got "
                              f"{self.time_budget_minutes}")
+        if self.budget_plan == "probe" and not self.time_budget_minutes:
+            raise TrainError("--budget_plan=probe plans a time budget: give "
+                             "--time_budget_minutes (the default recipe's is 13)")
         for name in ("early_stopping_patience", "fine_tune_epochs", "steps_per_epoch"):
             if getattr(self, name) < 0:
                 raise TrainError(f"--{name} must be >= 0, got {getattr(self, name)}")

@@ -9,6 +9,11 @@
     loop      the time budget, callbacks and phases (a second phase fine-tunes a backbone)
     export    model.keras, the serving SavedModel, the final val metrics, run.json
 
+With ``--ema_momentum`` the optimizer keeps a moving average of the trainable weights and the
+loop writes it into the model at the end of each phase (:meth:`TrainingLoop.finalize`, the
+same for the stream and the device-resident set): the shipped ``model.keras``, its export and
+run.json's val metrics are the average's; ``trained.keras`` keeps the last trained weights.
+
 The files all go through :class:`pneumo_models.rundir.RunDir` and the job's OutputDir.
 """
 
@@ -25,16 +30,27 @@ import keras
 import tensorflow as tf
 
 from pneumo_data import reader, resident
+from pneumo_data.common.config import with_leaves
 from pneumo_data.common.files import file_sha256
 from pneumo_data.common.jobs import verbosity
 from pneumo_data.common.outputs import OutputDir
 from pneumo_models import callbacks as cb
 from pneumo_models import cluster, distribute, models, optim
+from pneumo_models import probe as probe_lib
 from pneumo_models.config import FINE_TUNE_PREFIX, TrainError
 from pneumo_models.export_dir import export_into_model_dir
 from pneumo_models.loop import EvalInput, TrainingLoop
 from pneumo_models.precision import resolve_jit, resolve_precision
-from pneumo_models.rundir import BEST, HISTORY, LOGS, RESUME, RunDir, RunDirError, RunRecord
+from pneumo_models.rundir import (
+    BEST,
+    HISTORY,
+    LOGS,
+    RESUME,
+    TRAINED,
+    RunDir,
+    RunDirError,
+    RunRecord,
+)
 
 log = logging.getLogger("pneumo.train")
 
@@ -72,27 +88,36 @@ def run(config, run_dir: RunDir, out: OutputDir, m, counts: dict[str, int], stra
         run_id: int) -> dict[str, Any]:
     """Trains, ships and exports the model of ``config`` into ``run_dir``; returns run.json."""
     numerics = _numerics(config, strategy, m.data_dir)
-    inputs = _inputs(config, m, counts, run_id, strategy)
-
-    # ---- model: new, or rebuilt from the config and loaded from the resume state
     cluster.share_run_state(strategy, out)
     try:
         state = run_dir.resume_state()
     except RunDirError as error:
         raise TrainError(str(error)) from None
     phase = state["phase"] if state else 1
+    # --budget_plan=probe: the image size and epochs planned before training (or as saved)
+    config, probe, probe_seconds = _budget_plan(config, state, m, counts, numerics, strategy)
+    inputs = _inputs(config, m, counts, run_id, strategy)
     _restore_input(inputs, state)
-    plan = (state or {}).get("plan")  # the time budget's plan as saved (final from epoch 2)
+
+    # ---- model: new, or rebuilt from the config and loaded from the resume state
+    # the time budget's plan as saved (final from epoch 2), or the probe's
+    plan = (state or {}).get("plan") or (probe or {}).get("epochs")
     with strategy.scope():  # its length is a variable: mirrored like the model's
         schedule = optim.schedule_for(config.optimizer, inputs.steps, plan or config.epochs,
                                       numerics.learning_rate)
     model, initial_epoch = _model(config, strategy, numerics, schedule, run_dir, state, phase)
+    if (state or {}).get("finished"):
+        # The phase's epochs all ran in an earlier process: its resume weights are the trained
+        # ones; with --ema_momentum the loaded optimizer's average replaces them, as at the
+        # end of that phase's fit (a no-op without an average).
+        _loop(model, strategy, numerics, inputs, config).finalize()
 
     # ---- loop: the time budget, the callbacks, one or two phases
     budget = cb.TimeBudget(
         config.time_budget_minutes, config.epochs, inputs.steps, schedule,
-        plan=plan, seconds=(state or {}).get("seconds", 0.0),
-        agree=lambda planned: cluster.broadcast_json(strategy, planned))
+        plan=plan, seconds=(state or {}).get("seconds", probe_seconds),
+        agree=lambda planned: cluster.broadcast_json(strategy, planned),
+        image_size=config.pipeline.image_size if probe else None, probe=probe)
     out.claim(HISTORY)
     run_dir.truncate_history(out, initial_epoch)
     out.subdir(LOGS)
@@ -180,13 +205,51 @@ def _numerics(config, strategy, data_dir) -> Numerics:
     return numerics
 
 
+def _natural(counts: dict[str, int]) -> dict[str, float]:
+    return {c: n / sum(counts.values()) for c, n in counts.items()}
+
+
+def _stream_weights(config, counts: dict[str, int]) -> dict[str, float] | None:
+    """The training stream's class mix: balanced (None) or the natural one."""
+    return None if config.balance == "resample" else _natural(counts)
+
+
+def _steps(config, data_dir) -> int:
+    return config.steps_per_epoch or reader.steps_per_epoch(data_dir, config.pipeline.batch_size)
+
+
+def _budget_plan(config, state, m, counts: dict[str, int], numerics: Numerics, strategy):
+    """``--budget_plan=probe``: (the config at the planned image size, the probe's plan or
+    None, the seconds the probe took). The probe times a few steps of a throwaway network on
+    one batch of the training stream (:func:`pneumo_models.probe.plan_from_probe`); a resumed
+    run keeps the size and plan its resume state saved."""
+    seconds = 0.0
+    if state is not None:
+        size, probe = state.get("image_size"), state.get("probe")
+    elif config.time_budget_minutes and config.budget_plan == "probe":
+        stream = dataclasses.replace(config.pipeline, verify_checksums=False,
+                                     residency="stream")
+        batch = next(iter(reader.read(m.data_dir, stream, mode="train", seed=config.seed,
+                                      class_weights=_stream_weights(config, counts))))
+        probe, seconds = probe_lib.plan_from_probe(
+            config, batch, precision=numerics.precision,
+            steps_per_epoch=_steps(config, m.data_dir),
+            val_images=reader.eval_size(m.data_dir, "val"), strategy=strategy)
+        size = probe["image_size"]
+    else:
+        return config, None, seconds
+    if size and int(size) != config.pipeline.image_size:
+        config = with_leaves(config, image_size=int(size))
+    return config, probe, seconds
+
+
 def _inputs(config, m, counts: dict[str, int], run_id: int, strategy) -> Inputs:
     """The training input (a device-resident set, or the stream: local pipelines or the
     tf.data service) and the validation set."""
     p, d = config.pipeline, config.distribution
     data_dir = m.data_dir
-    natural = {c: n / sum(counts.values()) for c, n in counts.items()}
-    stream_weights = None if config.balance == "resample" else natural
+    natural = _natural(counts)
+    stream_weights = _stream_weights(config, counts)
     loss_weights = None
     if config.balance == "class_weight":
         loss_weights = {i: 1.0 / (len(counts) * natural[c]) for i, c in enumerate(m.classes)}
@@ -222,8 +285,7 @@ def _inputs(config, m, counts: dict[str, int], run_id: int, strategy) -> Inputs:
     if resident_set is not None:  # the loop draws from the set inside the step
         train_fn = lambda phase, first_epoch: resident_set  # noqa: E731
     return Inputs(train_fn, val_fn, shares, reader.eval_size(data_dir, "val"),
-                  config.steps_per_epoch or reader.steps_per_epoch(data_dir, p.batch_size),
-                  loss_weights, resident_set, residency)
+                  _steps(config, data_dir), loss_weights, resident_set, residency)
 
 
 def _restore_input(inputs: Inputs, state) -> None:
@@ -266,7 +328,7 @@ def _model(config, strategy, numerics: Numerics, schedule, run_dir: RunDir, stat
                 augment_backend="gather" if numerics.jit else "fused",
                 precision=numerics.precision, dropout=network.resolved_dropout,
                 seed=config.seed, preprocessing=network.resolved_preprocessing,
-                crop=network.crop)
+                crop=network.crop, stem=network.resolved_stem)
             _compile(model, config, schedule, numerics.jit)
         return model
 
@@ -335,6 +397,8 @@ class _Fit:
             keras.callbacks.TensorBoard(str(run_dir.logs_path)),
             cb.BestCheckpoint(out, BEST, initial_best=run_dir.best_so_far()),
         ]
+        if config.optimizer.ema_momentum:  # the shipped model is the average: keep these too
+            callbacks.append(cb.KeepTrainedWeights(out, TRAINED))
         if phase_no == 1:
             callbacks.append(self.budget)  # before Resume, which saves its plan
         callbacks.append(cb.Resume(out, run_dir, phase_no, guard, self.budget,

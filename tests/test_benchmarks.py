@@ -161,3 +161,24 @@ def test_accelerator_on_two_logical_cpu_devices_writes_no_gpu_field(tmp_path, ti
     assert all(0.0 <= v <= 1.0 for v in row["input_wait"].values())
     assert "peak_device_memory_bytes" not in row
     assert "| " in (tmp_path / "result.md").read_text()
+
+
+@pytest.mark.slow
+def test_train_step_stems_in_rounds(tmp_path, tiny_source):
+    """Issue 20: bn_cnn's stems timed side by side, the grid repeated in rounds; the other
+    networks carry no stem, and bn_cnn's default stem is patch4."""
+    payload = run("benchmarks.train_step", tmp_path, tiny_source, "--models=bn_cnn",
+                  "--stems=conv,patch4", "--precisions=float32", "--jit=false", "--rounds=2",
+                  "--image_size=32", "--batch_size=4", "--steps=1", "--warmup_steps=1",
+                  "--repeats=1", "--nopipeline")
+    cells = payload["cells"]
+    assert [c["stem"] for c in cells] == ["conv", "patch4"]
+    assert all(len(c["rounds"]) == 2 for c in cells)
+    assert "memory_vs_first_stem" not in cells[0] and cells[1]["memory_vs_first_stem"] > 0
+    text = (tmp_path / "result.md").read_text()
+    assert "patch4 stem" in text and "load average" in text
+    payload = run("benchmarks.train_step", tmp_path, tiny_source, "--models=bn_cnn,manual_cnn",
+                  "--precisions=float32", "--jit=false", "--image_size=32", "--batch_size=4",
+                  "--steps=1", "--warmup_steps=1", "--repeats=1", "--nopipeline")
+    assert [(c["model"], c.get("stem")) for c in payload["cells"]] == \
+        [("bn_cnn", "patch4"), ("manual_cnn", None)]

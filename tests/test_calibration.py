@@ -40,7 +40,28 @@ def test_a_prior_shift_needs_platt_not_temperature():
     assert val["ece"] > 0.1 and val["ece_platt"] < 0.02
     assert val["ece_temperature"] > 5 * val["ece_platt"]
     assert report["platt"]["b"] == pytest.approx(np.log(0.74 / 0.26), abs=0.1)
-    assert val["nll_platt"] < val["nll"] and report["evaluated"] == val
+    assert val["nll_platt"] < val["nll"]
+    assert {k: v for k, v in report["evaluated"].items() if k in val} == val
+
+
+def test_platt_fitted_on_val_holds_at_vals_prevalence_only_and_the_prior_correction_helps():
+    """Issue 20: the same class-conditional scores at 74 % (val) and 40 % pneumonia."""
+    rng = np.random.default_rng(4)
+
+    def population(n, prevalence):
+        y = (rng.random(n) < prevalence).astype(int)
+        z = np.where(y == 1, rng.normal(1.5, 1.2, n), rng.normal(-1.5, 1.2, n))
+        return y, cal.sigmoid(z)
+    val_y, val_p = population(20000, 0.74)
+    eval_y, eval_p = population(20000, 0.40)
+    report = cal.calibration_report(val_y, val_p, eval_y, eval_p)
+    val, evaluated = report["val"], report["evaluated"]
+    assert val["ece_platt"] < 0.02 and evaluated["ece_platt"] > 0.08
+    assert evaluated["estimated_prevalence"] == pytest.approx(0.40, abs=0.02)
+    assert evaluated["ece_platt_prior"] < 0.02
+    moved = cal.prior_shift(np.array([0.5, 0.9]), 0.74, 0.74)
+    np.testing.assert_allclose(moved, [0.5, 0.9])
+    assert cal.prior_shift(np.array([0.74]), 0.74, 0.5)[0] == pytest.approx(0.5)
 
 
 def test_recalibration_keeps_the_val_operating_point():
@@ -77,3 +98,22 @@ def test_tta_views_and_means():
     area = [(tta.scaled(disc, s) > 127).sum() for s in (0.9, 1.0, 1.1)]
     assert area[0] > area[1] > area[2]
     assert tta.scaled(disc, 0.9).dtype == np.uint8
+
+
+def test_the_report_says_a_val_fitted_calibration_holds_at_vals_prevalence_only():
+    """The report's calibration table (pneumo_models.report renders it) carries the caveat,
+    the evaluated split's ECE after Platt + prior correction and its estimated prevalence."""
+    from pneumo_models import report as report_lib
+    rng = np.random.default_rng(5)
+    y = (rng.random(4000) < 0.74).astype(int)
+    p = cal.sigmoid(np.where(y == 1, rng.normal(1.5, 1.2, y.size), rng.normal(-1.5, 1.2, y.size)))
+    calibration = cal.calibration_report(y, p, y[:2000], p[:2000])
+    text = "\n".join(report_lib._calibration_lines(calibration))
+    assert "holds only at val's prevalence" in text and "Saerens" in text
+    assert "after Platt + prior correction" in text
+    evaluated = calibration["evaluated"]
+    row = [line for line in text.splitlines() if line.startswith("| evaluated split")][0]
+    assert f"{evaluated['ece_platt_prior']:.3f}" in row
+    assert f"({evaluated['estimated_prevalence']:.3f})" in row
+    val_row = [line for line in text.splitlines() if line.startswith("| val (fitted")][0]
+    assert "| - |" in val_row  # no prior correction on the split it was fitted on

@@ -269,8 +269,10 @@ def test_tta_and_calibration_in_the_report(model_dirs, prepared, tmp_path):
     assert set(calibration["platt"]) == {"a", "b"}
     for part in ("val", "evaluated"):
         assert {"ece", "ece_temperature", "ece_platt"} <= set(calibration[part])
+    assert {"ece_platt_prior", "estimated_prevalence"} <= set(calibration["evaluated"])
     text = (tmp_path / "report.md").read_text()
     assert "Test-time augmentation: `flip`" in text and "after Platt" in text
+    assert "holds only at val's prevalence" in text and "prior correction" in text
 
 
 def test_predict_tta_is_the_mean_over_the_views(model_dirs, synthetic_source, prepared, tmp_path):

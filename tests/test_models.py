@@ -66,7 +66,9 @@ def test_manual_cnn_is_the_old_architecture():
 
 
 def test_bn_cnn_architecture():
-    model = models.build_model("bn_cnn", image_size=150, weights="none", augment=False)
+    """The issue-10 network, kept as --stem=conv (the default is patch4 since issue 20)."""
+    model = models.build_model("bn_cnn", image_size=150, weights="none", augment=False,
+                               stem="conv")
     assert model.count_params() == 396_473  # the issue-10 research's bn4
     convs = [l for l in model.layers if isinstance(l, keras.layers.Conv2D)]
     assert [c.filters for c in convs] == [24, 32, 64, 128, 256]
@@ -217,3 +219,56 @@ def test_precision_resolution():
     assert precision.resolve_jit("true") is True
     with pytest.raises(ValueError):
         precision.resolve_precision("float8")
+
+
+def test_bn_cnn_patch4_stem():
+    """Issue 20: the patch4 stem replaces the 75 px stages by a 4x4 space-to-depth; the rest
+    of the network and its resolutions are unchanged."""
+    model = models.build_model("bn_cnn", image_size=150, weights="none", augment=False,
+                               stem="patch4")
+    assert model.get_layer("space_to_depth").output.shape[1:] == (38, 38, 16)
+    convs = [l for l in model.layers if isinstance(l, keras.layers.Conv2D)]
+    assert [c.filters for c in convs] == [32, 64, 128, 256]
+    assert [c.strides for c in convs] == [(1, 1)] * 4
+    assert model.get_layer("stem_relu").output.shape[1:] == (38, 38, 32)
+    assert model.get_layer("block4_relu").output.shape[1:3] == (9, 9)
+    assert "block1_conv" not in [l.name for l in model.layers]
+    with pytest.raises(UserError, match="stem"):
+        models.build_model("manual_cnn", image_size=SIZE, weights="none", stem="patch4")
+    with pytest.raises(UserError, match="stem"):
+        models.build_model("bn_cnn", image_size=SIZE, weights="none", stem="patch8")
+
+
+def test_space_to_depth_pads_by_mirroring_and_moves_patches_into_channels(tmp_path):
+    from pneumo_models.layers import SpaceToDepth
+    x = np.arange(2 * 6 * 6, dtype="float32").reshape(2, 6, 6, 1)
+    y = SpaceToDepth(4)(x).numpy()  # 6 -> padded to 8 (one mirrored row/column each side)
+    assert y.shape == (2, 2, 2, 16)
+    padded = np.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)], mode="symmetric")
+    np.testing.assert_array_equal(y[0, 0, 1].reshape(4, 4), padded[0, 0:4, 4:8, 0])
+    model = models.build_model("bn_cnn", image_size=SIZE, weights="none", stem="patch4",
+                               seed=0)
+    model.save(tmp_path / "m.keras")
+    images, _ = tiny_data()
+    np.testing.assert_allclose(models.load_model(tmp_path / "m.keras").predict(images, verbose=0),
+                               model.predict(images, verbose=0), rtol=1e-6, atol=1e-6)
+
+
+def test_stem_auto_is_patch4_for_bn_cnn_and_conv_elsewhere():
+    """Issue 20: --stem=auto (the default) resolves to patch4 for bn_cnn; the other networks
+    have no stem option and build as before."""
+    from pneumo_models.config import NetworkConfig
+    assert NetworkConfig().stem == "auto" and NetworkConfig().resolved_stem == "patch4"
+    assert NetworkConfig(model="bn_cnn", stem="conv").resolved_stem == "conv"
+    assert NetworkConfig(model="manual_cnn").resolved_stem == "conv"
+    default = models.build_model("bn_cnn", image_size=150, weights="none", augment=False)
+    patch4 = models.build_model("bn_cnn", image_size=150, weights="none", augment=False,
+                                stem="patch4")
+    assert [l.name for l in default.layers] == [l.name for l in patch4.layers]
+    assert default.get_layer("space_to_depth").output.shape[1:] == (38, 38, 16)
+    assert default.count_params() == patch4.count_params() == 393_857
+    cnn = models.build_model("manual_cnn", image_size=SIZE, weights="none", augment=False)
+    same = models.build_model("manual_cnn", image_size=SIZE, weights="none", augment=False,
+                              stem="conv")
+    assert [l.name for l in cnn.layers] == [l.name for l in same.layers]
+    assert cnn.count_params() == same.count_params()

@@ -101,3 +101,26 @@ def test_a_run_shortened_below_twice_the_warmup_still_anneals():
     # built directly at the short length: the same curve (a resumed run rebuilds it so)
     again = optim.WarmupCosine(1e-3, warmup_steps=30, total_steps=20, floor=0.01)
     np.testing.assert_allclose(rates(again, range(20)), rates(s, range(20)), rtol=1e-6)
+
+
+def test_ema_average_is_written_into_the_weights_at_the_end():
+    """--ema_momentum: the optimizer keeps the moving average of the trainable weights and
+    finalize_variable_values (the training loop calls it after fit) writes it into them."""
+    w = keras.Variable(np.zeros(3, "float32"))
+    opt = optim.make_optimizer(OptimizerConfig(optimizer="adam", weight_decay=0.0,
+                                               ema_momentum=0.5), 0.1)
+    values = []
+    for _ in range(4):
+        opt.apply([np.ones(3, "float32")], [w])
+        values.append(w.numpy().copy())
+    expected = values[0]  # the first step copies the weights
+    for v in values[1:]:
+        expected = 0.5 * expected + 0.5 * v
+    opt.finalize_variable_values([w])
+    np.testing.assert_allclose(w.numpy(), expected, rtol=1e-6)
+    assert not np.allclose(w.numpy(), values[-1])
+    plain = optim.make_optimizer(OptimizerConfig(), 0.1)
+    assert not plain.use_ema
+    assert optim.make_optimizer(OptimizerConfig(ema_momentum=0.9), 0.1).use_ema  # AdamW too
+    with pytest.raises(UserError, match="ema_momentum"):
+        OptimizerConfig(ema_momentum=1.0).validate()

@@ -74,6 +74,13 @@ def tree(path: Path) -> dict[str, bytes]:
     ("benchmarks.train_step", ["--source_dir=/nope", "--output_dir={tmp}/o"], "/nope"),
     ("benchmarks.epoch", ["--source_dir=/nope", "--output_dir={tmp}/o"], "/nope"),
     ("benchmarks.scaling", ["--source_dir=/nope", "--output_dir={tmp}/o"], "/nope"),
+    ("pneumo_models.train", ["--model_dir={tmp}/o", "--model=manual_cnn", "--stem=patch4"],
+     "option of bn_cnn"),
+    ("pneumo_models.train", ["--model_dir={tmp}/o", "--ema_momentum=1"], "ema_momentum"),
+    ("pneumo_models.train", ["--model_dir={tmp}/o", "--budget_plan=probe",
+                             "--time_budget_minutes=0"], "budget_plan=probe"),
+    ("benchmarks.train_step", ["--stems=patch8", "--output_dir={tmp}/o"], "patch8"),
+    ("benchmarks.train_step", ["--rounds=0", "--output_dir={tmp}/o"], "rounds"),
 ])
 def test_bad_flags_and_paths(module, args, message, tmp_path):
     line = refused(module, *(a.format(tmp=tmp_path) for a in args))

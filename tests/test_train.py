@@ -417,3 +417,127 @@ def test_config_flags_repeat_the_run_from_any_folder(prepared, tmp_path, monkeyp
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "already holds this complete run; nothing to do" in proc.stderr + proc.stdout
     assert not any((tmp_path / "elsewhere").iterdir())
+
+
+def _assert_ships_the_average(prepared, out, run):
+    """model.keras is the optimizer's moving average (kept in trained.keras's optimizer
+    state), not the last trained weights; the export serves it, run.json's val metrics and
+    the evaluation job score it."""
+    import keras
+    import tensorflow as tf
+
+    from pneumo_data import reader
+    from pneumo_data.preprocess.model_input_tf import to_model_input
+    from pneumo_eval import evaluate as ev
+    from pneumo_eval.evaluation import predict_split
+    from pneumo_models.models import load_model, predictor
+    shipped, trained = load_model(out / "model.keras"), load_model(out / "trained.keras")
+    averages = trained.optimizer._model_variables_moving_average  # in trainable order
+    assert len(averages) == len(shipped.trainable_weights)
+    for weight, average in zip(shipped.trainable_weights, averages):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(weight),
+                                   keras.ops.convert_to_numpy(average), rtol=1e-6, atol=1e-7)
+    assert any(not np.allclose(a, b) for a, b in
+               zip(shipped.get_weights(), trained.get_weights()))
+    # the export serves the shipped (averaged) model
+    stored = next(iter(reader.eval_dataset(prepared, "val", batch_size=8, image_size=64)))[0]
+    served = tf.saved_model.load(str(out / "export" / "saved_model"))
+    exported = served.signatures["serve_pixels"](pixels=stored)["probability"].numpy()
+    pixels = to_model_input(stored, 32)
+    np.testing.assert_allclose(exported, predictor(shipped)(pixels), atol=1e-5)
+    assert not np.allclose(exported, predictor(trained)(pixels), atol=1e-5)
+    # run.json's val metrics are the shipped model's (history.csv's are the trained weights')
+    val = predict_split(shipped, prepared, "val", 16)
+    auc = keras.metrics.AUC()
+    auc.update_state(val.labels, val.scores)
+    assert run["val_metrics"]["auc"] == pytest.approx(float(auc.result()), abs=1e-3)
+    assert run["history"][-1]["val_loss"] != pytest.approx(run["val_metrics"]["loss"], abs=1e-7)
+    # the evaluation job scores model.keras: the averaged weights' scores
+    ev.evaluate(ev.EvaluateConfig(model_dir=(str(out),), bootstrap=10, gradcam_examples=0,
+                                  output_dir=str(out / "eval")))
+    scores = np.load(out / "eval" / "predictions.npz")["scores"]
+    np.testing.assert_allclose(scores, predict_split(shipped, prepared, "test", 16).scores,
+                               atol=1e-6)
+    assert not np.allclose(scores, predict_split(trained, prepared, "test", 16).scores,
+                           atol=1e-6)
+
+
+@pytest.mark.slow
+def test_ema_ships_exports_and_evaluates_the_averaged_weights(prepared, tmp_path):
+    """--ema_momentum, streamed input: model.keras, the SavedModel export, run.json's val
+    metrics and the evaluation are the moving average's; trained.keras holds the last
+    epoch's weights. A run killed after its last epoch (while exporting) ships the average
+    too when resumed."""
+    out = tmp_path / "ema"
+    config = small(prepared, out, epochs=2, ema_momentum=0.5)
+    train_killed(config, (
+        "import pneumo_models.training as e\n"
+        "def killer(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "e.export_into_model_dir = killer\n"))
+    assert json.loads((out / "resume" / "state.json").read_text())["finished"]
+    run = train(config)  # resumes: no epoch left, the loaded average is shipped
+    assert epochs_in(out / "history.csv") == [0, 1]
+    assert run["distribution"]["residency"] == "stream"
+    _assert_ships_the_average(prepared, out, run)
+
+
+@pytest.mark.slow
+def test_ema_on_the_device_resident_set_ships_the_averaged_weights(prepared, tmp_path):
+    """--ema_momentum with --residency=device (the loop's in-step draw): the same."""
+    out = tmp_path / "ema"
+    run = train(small(prepared, out, epochs=2, ema_momentum=0.5, residency="device"))
+    assert run["distribution"]["residency"] == "device"
+    _assert_ships_the_average(prepared, out, run)
+
+
+@pytest.mark.slow
+def test_budget_plan_probe_plans_size_and_epochs_before_training(prepared, tmp_path,
+                                                                 monkeypatch):
+    """--budget_plan=probe: a probe's step time says 2 of 4 epochs fit at 40 px but 4 at a
+    smaller size; the job times that size too, trains there and records the plan."""
+    from pneumo_models import budget
+    from pneumo_models.models import load_model
+    real_plan = budget.plan_budget
+
+    def fake_plan(minutes, **kw):  # 3 steps per epoch; as if a step took 10 s at 40 px
+        return real_plan(minutes, **{**kw, "step_seconds": 10.0, "overhead_seconds": 0.0,
+                                     "margin": 1.0, "sizes": (40, 32), "min_epochs": 4})
+    monkeypatch.setattr(budget, "plan_budget", fake_plan)
+    # 40 px: 30 s per epoch + 10 s val; 32 px: 19.2 + 6.4 s; 105 s fit 4 epochs at 32 px only
+    run = train(small(prepared, tmp_path / "run", image_size=40, epochs=4,
+                      time_budget_minutes=105 / 60, budget_plan="probe"))
+    record = run["time_budget"]
+    assert record["image_size"] == 32 and record["probe"]["epochs"] == 4
+    assert record["probe"]["reason"].endswith("4 epochs fit at 32 px")
+    assert set(record["probe"]["probe_step_seconds"]) == {"40", "32"}  # both sizes timed
+    assert min(record["probe"]["probe_step_seconds"].values()) > 0
+    assert record["training_seconds"] >= record["probe"]["probe_seconds"] > 0  # counted
+    assert load_model(tmp_path / "run" / "model.keras").inputs[0].shape[1] == 32
+    assert epochs_in(tmp_path / "run" / "history.csv") == [0, 1, 2, 3]
+    # the job refuses a probe without a budget to plan
+    with pytest.raises(TrainError, match="budget_plan=probe"):
+        train(small(prepared, tmp_path / "none", budget_plan="probe", time_budget_minutes=0))
+
+
+@pytest.mark.slow
+def test_a_probe_plan_survives_a_kill(prepared, tmp_path):
+    """The planned size and the probe's plan are saved with the resume state: the resumed
+    run trains on at that size (no second probe) and run.json records the first plan."""
+    out = tmp_path / "run"
+    config = small(prepared, out, image_size=40, epochs=4, time_budget_minutes=105 / 60,
+                   budget_plan="probe")
+    train_killed(config, (
+        "from pneumo_models import budget\n"
+        "real_plan = budget.plan_budget\n"
+        "budget.plan_budget = lambda minutes, **kw: real_plan(minutes, **{**kw, "
+        "'step_seconds': 10.0, 'overhead_seconds': 0.0, 'margin': 1.0, 'sizes': (40, 32), "
+        "'min_epochs': 4})\n" + KILL_AFTER_SECOND_EPOCH))
+    state = json.loads((out / "resume" / "state.json").read_text())
+    assert state["image_size"] == 32 and state["probe"]["epochs"] == 4
+    run = train(config)
+    assert run["time_budget"]["image_size"] == 32
+    assert run["time_budget"]["probe"] == state["probe"]
+    assert epochs_in(out / "history.csv") == [0, 1, 2, 3]
+    from pneumo_models.models import load_model
+    assert load_model(out / "model.keras").inputs[0].shape[1] == 32
