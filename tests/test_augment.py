@@ -47,6 +47,7 @@ def test_flip_alone_is_an_exact_mirror():
     assert 16 < sum(flipped) < 48
 
 
+@pytest.mark.slow
 def test_each_image_gets_its_own_draw():
     one = np.random.default_rng(1).integers(0, 256, (1, 24, 32, 1))
     x = tf.constant(np.repeat(one, 16, axis=0), tf.uint8)
@@ -74,6 +75,7 @@ def test_gather_backend_matches_kernel_and_compiles_with_xla():
     np.testing.assert_allclose(xla(x).numpy(), kernel, atol=0.01)
 
 
+@pytest.mark.slow
 def test_rotation_is_in_degrees():
     # A single bright column at the centre, rotated by at most 15 degrees,
     # stays within tan(15 deg) * half-height of the centre at the top row.
@@ -86,6 +88,7 @@ def test_rotation_is_in_degrees():
     assert np.abs(top_cols - 32).max() >= 4
 
 
+@pytest.mark.slow
 def test_host_and_device_agree_in_distribution():
     """Per-image displacement of a bright blob: same distribution in both places."""
     x = np.zeros((1, 48, 48, 1), np.uint8)
@@ -164,6 +167,7 @@ def test_seeded_layers_repeat_their_draws_and_state_is_saved(tmp_path):
     np.testing.assert_array_equal(clone(x, training=True).numpy(), model(x, training=True).numpy())
 
 
+@pytest.mark.slow
 def test_visualize_writes_a_grid_and_never_replaces_a_users_file(tmp_path):
     from pneumo_data.common.errors import UserError
     from pneumo_data.visualize import VisualizeConfig, visualize
@@ -426,6 +430,7 @@ def test_fused_and_kernel_warps_reproduce_image_data_generator():
         assert (np.round(got) == np.round(expected)).mean() > 0.999
 
 
+@pytest.mark.slow
 def test_fused_matches_the_kernel_path_for_the_same_draws():
     from pneumo_data.augment import augment_float, fused_augment
     x = smooth_batch(16, 40, 40)
@@ -439,6 +444,7 @@ def test_fused_matches_the_kernel_path_for_the_same_draws():
         assert host.dtype == np.uint8 and np.abs(host - np.round(kernel)).max() <= 1
 
 
+@pytest.mark.slow
 def test_fused_layer_takes_uint8_and_falls_back_for_float_and_rgb():
     layer = RandomAffine.from_params(AugmentConfig(), seed=5)
     x = smooth_batch(8, 32, 32)
@@ -477,6 +483,7 @@ def test_noise_field_is_iid_standard_normal_within_each_image():
     np.testing.assert_allclose(stds, draws.numpy()[:, N_AFFINE + 4], atol=0.35)
 
 
+@pytest.mark.slow
 def test_fused_host_augmentation_in_tf_data_is_seeded():
     x = smooth_batch(8, 32, 32)
     params = AugmentConfig()

@@ -11,6 +11,7 @@ def sample(n, seed):
     return y, np.clip(rng.normal(0.35 + 0.3 * y, 0.2), 0, 1)
 
 
+@pytest.mark.slow
 def test_intervals_contain_estimate_and_shrink_with_n():
     widths = []
     for n in (100, 1600):
@@ -22,6 +23,7 @@ def test_intervals_contain_estimate_and_shrink_with_n():
     assert widths[1] < widths[0] / 2
 
 
+@pytest.mark.slow
 def test_patient_resampling_widens_intervals_for_correlated_images():
     # 50 patients with 8 near-identical images each: the image bootstrap pretends
     # there are 400 independent samples.

@@ -67,6 +67,7 @@ def reference(model, spec, files: list[bytes]) -> np.ndarray:
     return model.predict(pixels, verbose=0)[:, 0]
 
 
+@pytest.mark.slow
 def test_bytes_signature_equals_the_pillow_path(small_model, exported):
     path, spec, loaded = exported
     pixels = images(0, [(64, 64), (300, 200), (97, 131), (1500, 1300)])
@@ -100,6 +101,7 @@ def test_pixels_signature_any_size(small_model, exported):
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_saved_model_keeps_the_models_preprocessing(tmp_path):
     """bn_cnn with per-image standardisation and a border crop: both run inside the
     SavedModel as they run in Keras."""

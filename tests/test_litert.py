@@ -123,6 +123,7 @@ def test_int8_without_calibration_data_is_refused(tmp_path):
     assert not (tmp_path / "l").exists()
 
 
+@pytest.mark.slow
 def test_litert_refuses_wrong_input(litert_files, tmp_path):
     _, paths, _ = litert_files
     edge = LiteRTModel(paths["float32"])

@@ -161,6 +161,7 @@ def _inputs(loop, prepared, batch=8):
     return train_fn, val
 
 
+@pytest.mark.slow
 def test_standard_and_pneumo_callbacks_work_unchanged(prepared, tmp_path):
     import keras
 
@@ -221,6 +222,7 @@ def test_standard_and_pneumo_callbacks_work_unchanged(prepared, tmp_path):
     assert best.optimizer is not None and int(best.optimizer.iterations.numpy()) in (5, 10)
 
 
+@pytest.mark.slow
 def test_the_loop_uses_the_optimizer_and_loss_objects_it_is_given(prepared):
     import keras
 
@@ -252,6 +254,7 @@ def test_the_loop_uses_the_optimizer_and_loss_objects_it_is_given(prepared):
         TrainingLoop(model, strategy, loss=lambda y, p: keras.ops.mean(y - p))
 
 
+@pytest.mark.slow
 def test_early_stopping_and_nan_guard_stop_the_loop(prepared):
     import keras
 

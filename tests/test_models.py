@@ -29,6 +29,7 @@ def compiled(name, policy="float32", jit=False, augment=True, backend="kernel"):
 @pytest.mark.parametrize("name", [
     pytest.param(m, marks=pytest.mark.slow) if m in ("vgg16", "resnet50") else m
     for m in models.MODELS])
+@pytest.mark.slow
 def test_builds_trains_saves_and_reloads_identically(name, tmp_path):
     images, labels = tiny_data()
     model = compiled(name)
@@ -139,6 +140,7 @@ def test_caffe_preprocessing_matches_keras_applications():
     np.testing.assert_allclose(Preprocess("unit")(gray).numpy(), gray / 255.0, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16", "mixed_float16"])
 def test_precision_policies_train(policy):
     images, labels = tiny_data()

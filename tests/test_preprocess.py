@@ -103,6 +103,7 @@ def test_luma_is_pillows_convert_l():
 
 # ------------------------------------------------------------------ stage (a) parity
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(224, 224), (300, 200), (97, 131), (1200, 900), (2600, 2100)])
 @pytest.mark.parametrize("mode", ["L", "RGB"])
 def test_jpeg_parity_at_several_sizes_and_draft_scales(size, mode):

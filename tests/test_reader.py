@@ -44,6 +44,7 @@ def test_order_differs_between_epochs(prepared):
     assert len(set(first) & set(second)) > len(first) // 3  # same images, new order
 
 
+@pytest.mark.slow
 def test_same_seed_same_stream_when_deterministic(prepared):
     def stream(seed):
         ds = pneumo_data.train_dataset(prepared, batch_size=8, image_size=16, seed=seed,
@@ -91,6 +92,7 @@ def test_disk_cache_and_no_cache_give_same_images(prepared, tmp_path):
     assert list((tmp_path / "c").iterdir())
 
 
+@pytest.mark.slow
 def test_input_context_shards_files_per_worker(synthetic_source, tmp_path):
     from pneumo_data.prepare import PrepareConfig, prepare
     out = tmp_path / "many"
@@ -185,6 +187,7 @@ def test_each_class_is_walked_once_per_pass_and_reshuffled(prepared):
     assert abs(np.mean(labels) - 0.5) < 0.05
 
 
+@pytest.mark.slow
 def test_sampled_stream_keeps_host_augmentation_and_seeds(prepared):
     def stream(seed):
         return take(pneumo_data.train_dataset(prepared, batch_size=8, image_size=16,
@@ -197,6 +200,7 @@ def test_sampled_stream_keeps_host_augmentation_and_seeds(prepared):
     assert a[0][0].dtype == np.uint8 and a[0][0].shape == (8, 16, 16, 1)
 
 
+@pytest.mark.slow
 def test_batch_level_stream_has_the_element_graphs_distribution(prepared):
     """The memory-cached (batch-level) stream and the per-element graph (no cache) give the
     same class mix and the same images (each class walked once per pass in both)."""
@@ -214,6 +218,7 @@ def test_batch_level_stream_has_the_element_graphs_distribution(prepared):
             assert seen[label] == set(images), cache
 
 
+@pytest.mark.slow
 def test_residency_device_returns_the_resident_set_and_auto_keeps_the_stream_on_cpu(
         prepared, caplog):
     from pneumo_data import resident

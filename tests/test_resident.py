@@ -51,6 +51,7 @@ def test_refusal_falls_back_to_the_stream_with_a_reason(prepared):
     assert x.dtype == tf.uint8 and x.shape == (8, 16, 16, 1)
 
 
+@pytest.mark.slow
 def test_resident_batches_balance_and_walk_each_class_once_per_pass(prepared):
     source, reason = reader.resident_or_stream(prepared, config(), seed=1,
                                                  deterministic=True)
@@ -71,6 +72,7 @@ def test_resident_batches_balance_and_walk_each_class_once_per_pass(prepared):
     np.testing.assert_array_equal(tf.function(again.next_batch)()[0].numpy(), images[:8])
 
 
+@pytest.mark.slow
 def test_restore_continues_the_walk_exactly(prepared):
     """A set restored from checkpoint_state() after k steps draws what the original draws
     next, also in the middle of a chunk of draws."""
@@ -91,6 +93,7 @@ def test_restore_continues_the_walk_exactly(prepared):
         resident.resident_train_set(prepared, config(), seed=3).restore(saved)
 
 
+@pytest.mark.slow
 def test_resident_host_augmentation_runs_there(prepared):
     source, _ = reader.resident_or_stream(prepared, config(augment="host"), seed=2)
     x, y = tf.function(source.next_batch)()

@@ -40,6 +40,7 @@ def test_balance_and_one_appearance_per_pass():
         assert len({tuple(b) for b in blocks}) > len(blocks) // 2  # new order per pass
 
 
+@pytest.mark.slow
 def test_weights_steps_chunks_and_seeds():
     s = BalancedSampler(counts=[10, 10], weights=[3, 1], seed=0)
     _, labels, _ = walk(s, 300, 32)
