@@ -87,6 +87,7 @@ def test_bytes_signature_equals_the_pillow_path(small_model, exported):
     assert not path.with_name(path.name + ".partial").exists()
 
 
+@pytest.mark.slow  # exports a SavedModel / converts to LiteRT (module fixture)
 def test_pixels_signature_any_size(small_model, exported):
     _, spec, loaded = exported
     serve = loaded.signatures["serve_pixels"]
@@ -115,6 +116,7 @@ def test_saved_model_keeps_the_models_preprocessing(tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+@pytest.mark.slow  # exports a SavedModel / converts to LiteRT (module fixture)
 def test_bytes_signature_errors_say_why(exported):
     _, _, loaded = exported
     serve = loaded.signatures["serving_default"]
@@ -126,6 +128,7 @@ def test_bytes_signature_errors_say_why(exported):
         serve(images=tf.constant([jpeg[: len(jpeg) // 2]]))
 
 
+@pytest.mark.slow  # exports a SavedModel / converts to LiteRT (module fixture)
 def test_metadata_records_spec_and_threshold(exported):
     path, spec, _ = exported
     meta = load_serving_meta(path)
@@ -270,6 +273,7 @@ def test_predict_refuses_unknown_model_kinds(tmp_path):
     assert not (tmp_path / "p.csv").exists()
 
 
+@pytest.mark.slow  # exports a SavedModel / converts to LiteRT (module fixture)
 def test_dicom_through_serve_pixels_and_predict_equals_ingest(small_model, exported, tmp_path):
     """DICOM: decoded and windowed outside the graph, then serve_pixels, gives the ingest route's
     probability; predict reads DICOM files the same way."""

@@ -134,6 +134,7 @@ def test_litert_refuses_wrong_input(litert_files, tmp_path):
         LiteRTModel(tmp_path / "x.tflite")
 
 
+@pytest.mark.slow  # exports a SavedModel / converts to LiteRT (module fixture)
 def test_predict_runs_a_tflite_file(litert_files, tmp_path):
     model, paths, _ = litert_files
     pixels = np.random.default_rng(5).integers(0, 256, (90, 120)).astype(np.uint8)
