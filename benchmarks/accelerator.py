@@ -39,7 +39,7 @@ flags.DEFINE_list("models", ["bn_cnn", "manual_cnn", "vgg16", "resnet50"], "Netw
 flags.DEFINE_list("precisions", ["auto"], "Dtype policies; auto: float32, and mixed_float16 "
                                           "and mixed_bfloat16 where the device has them.")
 flags.DEFINE_list("inputs", ["memory", "stream", "resident"], "Inputs to time.")
-flags.DEFINE_string("strategy", "default", "default, one_device or mirrored "
+flags.DEFINE_string("strategy", "auto", "auto (the job's default), one_device or mirrored "
                                            "(pneumo_models.distribute).")
 flags.DEFINE_integer("image_size", 150, "Model input size.")
 flags.DEFINE_integer("batch_size", 32, "Global batch size.")
@@ -52,7 +52,7 @@ flags.DEFINE_string("name", None, "Result file name (default accelerator-<device
 FLAGS = flags.FLAGS
 
 INPUTS = ("memory", "stream", "resident")
-STRATEGIES = ("default", "one_device", "mirrored")
+STRATEGIES = ("auto", "one_device", "mirrored")  # names of pneumo_models.distribute
 
 
 def precisions(requested: list[str], gpu: bool, capabilities, fast_bf16: bool) -> list[str]:

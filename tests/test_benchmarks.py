@@ -182,3 +182,12 @@ def test_train_step_stems_in_rounds(tmp_path, tiny_source):
                   "--steps=1", "--warmup_steps=1", "--repeats=1", "--nopipeline")
     assert [(c["model"], c.get("stem")) for c in payload["cells"]] == \
         [("bn_cnn", "patch4"), ("manual_cnn", None)]
+
+
+def test_accelerator_strategies_are_the_jobs():
+    """Every --strategy the accelerator benchmark offers is one the job's factory builds (its
+    default once named one the factory refused)."""
+    from benchmarks import accelerator
+    from pneumo_models.config import STRATEGIES
+    assert set(accelerator.STRATEGIES) <= set(STRATEGIES)
+    assert accelerator.FLAGS["strategy"].default in accelerator.STRATEGIES
