@@ -207,8 +207,11 @@ def main(argv):
                               FLAGS.inputs, strategy)
                 row["device"] = device
                 rows.append(row)
-                print(row["model"], row["precision"], row["images_per_second"],
-                      row["input_wait"], flush=True)
+                rates = ", ".join(f"{k} {v:,.1f} img/s"
+                                  for k, v in row["images_per_second"].items())
+                waits = ", ".join(f"{k} {v:.1%}" for k, v in row["input_wait"].items())
+                print(f"{row['model']} {row['precision']}: {rates}; input wait {waits}",
+                      flush=True)
         return rows
 
     if FLAGS.data_dir:
