@@ -432,21 +432,9 @@ def apply_intensity(images: tf.Tensor, draws: tf.Tensor, params: AugmentConfig,
                       fused=backend == "gather")
 
 
-def _pack_quads(images: tf.Tensor) -> tf.Tensor:
-    """uint8 [B, H, W] -> int32 [B*H*W]: each pixel's 2x2 neighbourhood (right and lower
-    neighbours edge-replicated) as the four bytes of one word."""
-    padded = tf.pad(images, [[0, 0], [0, 1], [0, 1]], mode="SYMMETRIC")  # edge replicate
-    quad = tf.stack([padded[:, :-1, :-1], padded[:, :-1, 1:],
-                     padded[:, 1:, :-1], padded[:, 1:, 1:]], axis=-1)
-    return tf.reshape(tf.bitcast(quad, tf.int32), [-1])
-
-
-def _warp_quads(images: tf.Tensor, transforms: tf.Tensor) -> tf.Tensor:
-    """The bilinear, nearest-fill warp of uint8 images [B, H, W] (affine ``transforms``
-    [B, 8]) with one gather per pixel; float32 [B, H, W]. Same sample points and weights
-    as ``ImageProjectiveTransformV3`` (coordinates clamped to the image: nearest fill)."""
-    batch, height, width = (int(d) for d in images.shape)
-    flat = _pack_quads(images)
+def _source_coords(transforms: tf.Tensor, batch: int, height: int, width: int):
+    """The source point (in_x, in_y) [B, H, W] of every output pixel for affine ``transforms``
+    [B, 8], clamped to the image (nearest fill), as ``ImageProjectiveTransformV3`` computes it."""
     t = tf.cast(transforms, tf.float32)
 
     def row(i):
@@ -456,26 +444,70 @@ def _warp_quads(images: tf.Tensor, transforms: tf.Tensor) -> tf.Tensor:
     ys = tf.range(height, dtype=tf.float32)[None, :, None]
     in_x = tf.clip_by_value(row(0) * xs + (row(1) * ys + row(2)), 0.0, width - 1.0)
     in_y = tf.clip_by_value(row(3) * xs + (row(4) * ys + row(5)), 0.0, height - 1.0)
-    x0, y0 = tf.floor(in_x), tf.floor(in_y)
-    fx, fy = in_x - x0, in_y - y0
-    index = ((tf.range(batch)[:, None, None] * height + tf.cast(y0, tf.int32)) * width
-             + tf.cast(x0, tf.int32))
-    quad = tf.cast(tf.bitcast(tf.gather(flat, index), tf.uint8), tf.float32)  # [B, H, W, 4]
-    top = quad[..., 0] + fx * (quad[..., 1] - quad[..., 0])
-    bottom = quad[..., 2] + fx * (quad[..., 3] - quad[..., 2])
+    return in_x, in_y
+
+
+def _source_index(transforms: tf.Tensor, batch: int, height: int, width: int) -> tf.Tensor:
+    """int32 [B, H, W]: the flat index (into the batch's pixels) of each output pixel's upper
+    left source neighbour."""
+    in_x, in_y = _source_coords(transforms, batch, height, width)
+    x0 = tf.cast(tf.floor(in_x), tf.int32)
+    y0 = tf.cast(tf.floor(in_y), tf.int32)
+    return (tf.range(batch)[:, None, None] * height + y0) * width + x0
+
+
+# A compiled function of its own: inside the sampling function XLA fuses the index arithmetic
+# into the gather's loop, which it then cannot vectorize (about 2x slower on the CPU).
+_source_index_xla = tf.function(_source_index, jit_compile=True)
+
+
+def _sample(images: tf.Tensor, index: tf.Tensor, transforms: tf.Tensor) -> tf.Tensor:
+    """The bilinear samples float32 [B, H, W] of uint8 images [B, H, W] at the source points
+    of ``transforms``, the upper left neighbours given by ``index`` (:func:`_source_index`).
+
+    The four neighbours are four byte gathers from the flat batch; a right or lower neighbour
+    past the image's edge only occurs with weight 0 (the point is clamped onto the edge), so
+    whatever it reads (the next row; past the batch's end, its last pixel) leaves the sample
+    exactly the edge pixel, as nearest fill has it. The weights come from the point recomputed
+    here against the neighbour ``index`` names (not a second floor, which XLA might round
+    differently)."""
+    batch, height, width = (int(d) for d in images.shape)
+    flat = tf.reshape(images, [-1])
+    last = batch * height * width - 1
+    q0, q1, q2, q3 = (tf.cast(tf.gather(flat, tf.minimum(index + d, last)), tf.float32)
+                      for d in (0, 1, width, width + 1))
+    in_x, in_y = _source_coords(transforms, batch, height, width)
+    x0 = tf.truncatemod(index, width)
+    y0 = tf.truncatemod(tf.truncatediv(index, width), height)
+    fx = tf.clip_by_value(in_x - tf.cast(x0, tf.float32), 0.0, 1.0)
+    fy = tf.clip_by_value(in_y - tf.cast(y0, tf.float32), 0.0, 1.0)
+    top = q0 + fx * (q1 - q0)
+    bottom = q2 + fx * (q3 - q2)
     return top + fy * (bottom - top)
 
 
+_sample_xla = tf.function(_sample, jit_compile=True)
+
+
+def warp_uint8(images: tf.Tensor, transforms: tf.Tensor) -> tf.Tensor:
+    """The fused back end's warp alone: the bilinear, nearest-fill warp of uint8 images
+    [B, H, W] (affine ``transforms`` [B, 8], sizes known when traced) in its two compiled
+    steps; float32 [B, H, W]. Same sample points and weights as ``ImageProjectiveTransformV3``."""
+    batch, height, width = (int(d) for d in images.shape)
+    return _sample_xla(images, _source_index_xla(transforms, batch, height, width), transforms)
+
+
 @tf.function(jit_compile=True)
-def _fused_xla(images, transforms, draws, blur_kernel, bank, index, signs, params, to_uint8):
+def _fused_xla(images, index, transforms, draws, blur_kernel, bank, rows, signs, params,
+               to_uint8):
     # Per-image quantities (the matrices, the blur taps) come in computed: left inside, XLA
     # fuses their cos/sin/exp into the per-pixel loop and recomputes them for every pixel.
     x = images[..., 0]
-    x = tf.cast(x, tf.float32) if params.affine_is_identity else _warp_quads(x, transforms)
+    x = tf.cast(x, tf.float32) if params.affine_is_identity else _sample(x, index, transforms)
     x = x[..., None]
     if not params.intensity_is_identity:
         x = _intensity(x, draws, params,
-                       lambda: noise_from_parts((bank, index, signs), tf.shape(x)),
+                       lambda: noise_from_parts((bank, rows, signs), tf.shape(x)),
                        fused=True, blur_kernel=blur_kernel)
     if to_uint8:
         return tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8)
@@ -504,13 +536,17 @@ def fused_augment(images: tf.Tensor, draws: tf.Tensor, params: AugmentConfig,
     draws = tf.cast(draws, tf.float32)
     height, width = int(images.shape[1]), int(images.shape[2])
     if params.noise_levels:
-        bank, index, signs = noise_parts(tf.shape(images), _noise_seed(draws[:, N_AFFINE + 5]))
+        bank, index_rows, signs = noise_parts(tf.shape(images),
+                                              _noise_seed(draws[:, N_AFFINE + 5]))
     else:
-        bank = index = signs = tf.zeros([0])
+        bank = index_rows = signs = tf.zeros([0])
     blur_kernel = (_blur_kernel(draws[:, N_AFFINE + 3], min(height, width), params.blur_sigma)
                    if params.blurs else tf.zeros([tf.shape(draws)[0], 1]))
-    return _fused_xla(images, transforms_from_draws(draws, height, width), draws, blur_kernel,
-                      bank, index, signs, params, bool(to_uint8))
+    transforms = transforms_from_draws(draws, height, width)
+    index = (tf.zeros([0], tf.int32) if params.affine_is_identity
+             else _source_index_xla(transforms, int(images.shape[0]), height, width))
+    return _fused_xla(images, index, transforms, draws, blur_kernel, bank, index_rows, signs,
+                      params, bool(to_uint8))
 
 
 def augment_float(images: tf.Tensor, draws: tf.Tensor, params: AugmentConfig,
