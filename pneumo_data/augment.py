@@ -58,13 +58,12 @@ Two places to run it:
 Three back ends that give the same result (to float rounding):
 
 * ``"fused"`` (the default): for dense uint8 batches of one channel (what the stream
-  delivers), the warp and every intensity transform in one XLA-compiled function
-  (:func:`fused_augment`). The bilinear warp packs each pixel's 2x2 neighbourhood into one
-  int32 word, so a pixel costs one gather instead of four; gamma, contrast, brightness,
-  the blur (a shifted sum, fused) and the noise run in the same pass. On the 2-vCPU
-  EPYC of issue 21 it is about 1.7x ``ImageProjectiveTransformV3`` alone. Other inputs
-  (float, several channels, ragged, sizes unknown when traced) take the ``"kernel"``
-  path.
+  delivers), the warp and every intensity transform in two XLA-compiled functions
+  (:func:`fused_augment`): the first computes each output pixel's source index, the
+  second gathers the four neighbours' bytes and runs the bilinear weights, gamma, the blur
+  (a loop over the images that drew one, in place), contrast, brightness, the noise and
+  the clip. Other inputs (float, several channels, ragged, sizes unknown when traced)
+  take the ``"kernel"`` path.
 * ``"kernel"`` uses ``ImageProjectiveTransformV3`` (it has no XLA kernel).
 * ``"gather"`` computes the bilinear sample with four gathers, which XLA compiles, so a
   ``jit_compile=True`` train step can keep the augmentation inside.
@@ -358,36 +357,11 @@ def _shift_blur(images: tf.Tensor, sigma: tf.Tensor, max_sigma: float) -> tf.Ten
     return along(along(images, 1, height), 2, width)
 
 
-def _blur_drawn(x: tf.Tensor, sigma: tf.Tensor, kernel: tf.Tensor,
-                params: AugmentConfig) -> tf.Tensor:
-    """:func:`_shift_blur` (XLA) on the images that drew a blur, in a block of static size:
-    the images are ordered blurred-first and the first M (the expected count plus three
-    standard deviations) are blurred and put back; the rare batch with more than M blurred
-    images blurs all. The images in the block that drew no blur have the identity taps, so
-    the result is the same as blurring every image."""
-    batch = int(x.shape[0]) if x.shape[0] is not None else None
-    p = params.blur_probability
-    if batch is None or p >= 1:
-        return _shift_blur(x, kernel, params.blur_sigma)
-    block = min(batch, int(math.ceil(batch * p + 3 * math.sqrt(batch * p * (1 - p)))) + 1)
-    if block >= batch:
-        return _shift_blur(x, kernel, params.blur_sigma)
-    drawn = sigma > 0
-    order = tf.argsort(tf.cast(drawn, tf.int32), direction="DESCENDING", stable=True)[:block]
-
-    def some():
-        part = _shift_blur(tf.gather(x, order), tf.gather(kernel, order), params.blur_sigma)
-        return tf.tensor_scatter_nd_update(x, order[:, None], part)
-
-    return tf.cond(tf.reduce_sum(tf.cast(drawn, tf.int32)) > block,
-                   lambda: _shift_blur(x, kernel, params.blur_sigma), some)
-
-
-def _intensity(x: tf.Tensor, draws: tf.Tensor, params: AugmentConfig, noise, fused: bool,
-               blur_kernel=None):
-    """The intensity transforms on float images [B, H, W, C] (0..255): one definition for
-    every back end (``fused``: the XLA forms of the blur); ``noise`` is a callable giving
-    the batch's standard normal noise."""
+def _intensity(x: tf.Tensor, draws: tf.Tensor, params: AugmentConfig, noise, fused: bool):
+    """The intensity transforms on float images [B, H, W, C] (0..255) of the "kernel" and
+    "gather" back ends (``fused``: the XLA form of the blur); ``noise`` is a callable giving
+    the batch's standard normal noise. The fused back end's pass (:func:`_fused_xla`) does
+    the same arithmetic in another order."""
     gamma, contrast, brightness, sigma, noise_std, _ = tf.unstack(draws[:, N_AFFINE:], axis=1)
 
     def per_image(v):
@@ -407,10 +381,7 @@ def _intensity(x: tf.Tensor, draws: tf.Tensor, params: AugmentConfig, noise, fus
             offset = offset + (1.0 - scale) * mean
         x = scale * x + offset
     if params.blurs:
-        if blur_kernel is not None:
-            x = _blur_drawn(x, sigma, blur_kernel, params)
-        else:
-            x = (_shift_blur if fused else _blur_subset)(x, sigma, params.blur_sigma)
+        x = (_shift_blur if fused else _blur_subset)(x, sigma, params.blur_sigma)
     if params.noise_levels:
         x = x + per_image(noise_std) * noise()
     return tf.clip_by_value(x, 0.0, 255.0)
@@ -497,6 +468,40 @@ def warp_uint8(images: tf.Tensor, transforms: tf.Tensor) -> tf.Tensor:
     return _sample_xla(images, _source_index_xla(transforms, batch, height, width), transforms)
 
 
+def _blur_one(image: tf.Tensor, taps: tf.Tensor) -> tf.Tensor:
+    """One float image [H, W] blurred by the separable kernel ``taps`` [2r + 1] along both
+    axes, edges mirrored (as :func:`_blur`): a sum of 2r + 1 shifted copies per axis."""
+    radius = (int(taps.shape[0]) - 1) // 2
+
+    def along(x, axis):
+        paddings = [[0, 0], [0, 0]]
+        paddings[axis] = [radius, radius]
+        padded = tf.pad(x, paddings, mode="SYMMETRIC")
+        n = int(x.shape[axis])
+        parts = [taps[i] * (padded[i:i + n] if axis == 0 else padded[:, i:i + n])
+                 for i in range(2 * radius + 1)]
+        return tf.add_n(parts)
+
+    return along(along(image, 0), 1)
+
+
+def _blur_loop(x: tf.Tensor, sigma: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+    """:func:`_blur` of float images [B, H, W] (taps [B, 2r + 1] of :func:`_blur_kernel`) on
+    the images that drew a blur only (``sigma`` > 0), one image per step of a loop that
+    updates the batch in place: the work follows the number of blurred images, and the
+    others pass exactly as they were (as a sigma of 0 leaves them)."""
+    drawn = tf.cast(sigma > 0, tf.int32)
+    count = tf.reduce_sum(drawn)
+    order = tf.argsort(drawn, direction="DESCENDING", stable=True)
+
+    def step(j, images):
+        b = tf.gather(order, j)
+        blurred = _blur_one(tf.gather(images, b), tf.gather(kernel, b))
+        return j + 1, tf.tensor_scatter_nd_update(images, b[None, None], blurred[None])
+
+    return tf.while_loop(lambda j, _: j < count, step, (tf.constant(0), x))[1]
+
+
 @tf.function(jit_compile=True)
 def _fused_xla(images, index, transforms, draws, blur_kernel, bank, rows, signs, params,
                to_uint8):
@@ -504,11 +509,32 @@ def _fused_xla(images, index, transforms, draws, blur_kernel, bank, rows, signs,
     # fuses their cos/sin/exp into the per-pixel loop and recomputes them for every pixel.
     x = images[..., 0]
     x = tf.cast(x, tf.float32) if params.affine_is_identity else _sample(x, index, transforms)
-    x = x[..., None]
+    gamma, contrast, brightness, sigma, noise_std, _ = tf.unstack(draws[:, N_AFFINE:], axis=1)
+
+    def per_image(v):
+        return v[:, None, None]
+
+    if params.gamma:  # as in _intensity
+        x = tf.exp(per_image(gamma) * tf.math.log(tf.maximum(x, 0.0))
+                   + per_image((1.0 - gamma) * math.log(255.0)))
+    # Contrast and brightness, c x + (b + (1 - c) m), come after the blur here: the blur's
+    # taps sum to 1 and are symmetric, and its edges mirror, so it commutes with them and
+    # keeps each image's mean m (of the image after gamma) to float rounding; the pixels then
+    # pass once, and the loop updates the batch in place (no copy kept for the mean).
+    if params.blurs:
+        x = _blur_loop(x, sigma, blur_kernel)
+    scale = per_image(contrast) if params.contrast else 1.0
+    offset = per_image(brightness) if params.brightness_levels else 0.0
+    if params.contrast:
+        mean = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
+        offset = offset + (1.0 - scale) * mean
+    if params.contrast or params.brightness_levels:
+        x = scale * x + offset
+    if params.noise_levels:
+        x = x + per_image(noise_std) * noise_from_parts((bank, rows, signs), tf.shape(x))
     if not params.intensity_is_identity:
-        x = _intensity(x, draws, params,
-                       lambda: noise_from_parts((bank, rows, signs), tf.shape(x)),
-                       fused=True, blur_kernel=blur_kernel)
+        x = tf.clip_by_value(x, 0.0, 255.0)
+    x = x[..., None]
     if to_uint8:
         return tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8)
     return x
