@@ -403,27 +403,36 @@ def apply_intensity(images: tf.Tensor, draws: tf.Tensor, params: AugmentConfig,
                       fused=backend == "gather")
 
 
-def _source_coords(transforms: tf.Tensor, batch: int, height: int, width: int):
+def _source_coords(transforms: tf.Tensor, ramps, height: int, width: int):
     """The source point (in_x, in_y) [B, H, W] of every output pixel for affine ``transforms``
-    [B, 8], clamped to the image (nearest fill), as ``ImageProjectiveTransformV3`` computes it."""
+    [B, 8], clamped to the image (nearest fill), as ``ImageProjectiveTransformV3`` computes it.
+    ``ramps`` are the output pixels' x and y coordinates, float32 [W] and [H]
+    (:func:`_ramps`)."""
     t = tf.cast(transforms, tf.float32)
 
     def row(i):
         return t[:, i][:, None, None]
 
-    xs = tf.range(width, dtype=tf.float32)[None, None, :]
-    ys = tf.range(height, dtype=tf.float32)[None, :, None]
+    xs, ys = ramps[0][None, None, :], ramps[1][None, :, None]
     in_x = tf.clip_by_value(row(0) * xs + (row(1) * ys + row(2)), 0.0, width - 1.0)
     in_y = tf.clip_by_value(row(3) * xs + (row(4) * ys + row(5)), 0.0, height - 1.0)
     return in_x, in_y
 
 
-def _source_index(transforms: tf.Tensor, batch: int, height: int, width: int) -> tf.Tensor:
+def _ramps(height: int, width: int):
+    """0, 1, ..., W - 1 and 0, ..., H - 1 as float32 tensors. They enter the compiled functions
+    as arguments: built inside, XLA makes them an iota and converts its 64-bit loop counter to
+    float for every pixel, which AVX2 has no instruction for (the index loop takes 2x as long)."""
+    return (tf.range(width, dtype=tf.float32), tf.range(height, dtype=tf.float32))
+
+
+def _source_index(transforms: tf.Tensor, ramps, batch: int, height: int,
+                  width: int) -> tf.Tensor:
     """int32 [B, H, W]: the flat index (into the batch's pixels) of each output pixel's upper
     left source neighbour."""
-    in_x, in_y = _source_coords(transforms, batch, height, width)
-    x0 = tf.cast(tf.floor(in_x), tf.int32)
-    y0 = tf.cast(tf.floor(in_y), tf.int32)
+    in_x, in_y = _source_coords(transforms, ramps, height, width)
+    x0 = tf.cast(in_x, tf.int32)  # the floor: in_x >= 0
+    y0 = tf.cast(in_y, tf.int32)
     return (tf.range(batch)[:, None, None] * height + y0) * width + x0
 
 
@@ -432,7 +441,7 @@ def _source_index(transforms: tf.Tensor, batch: int, height: int, width: int) ->
 _source_index_xla = tf.function(_source_index, jit_compile=True)
 
 
-def _sample(images: tf.Tensor, index: tf.Tensor, transforms: tf.Tensor) -> tf.Tensor:
+def _sample(images: tf.Tensor, index: tf.Tensor, transforms: tf.Tensor, ramps) -> tf.Tensor:
     """The bilinear samples float32 [B, H, W] of uint8 images [B, H, W] at the source points
     of ``transforms``, the upper left neighbours given by ``index`` (:func:`_source_index`).
 
@@ -447,7 +456,7 @@ def _sample(images: tf.Tensor, index: tf.Tensor, transforms: tf.Tensor) -> tf.Te
     last = batch * height * width - 1
     q0, q1, q2, q3 = (tf.cast(tf.gather(flat, tf.minimum(index + d, last)), tf.float32)
                       for d in (0, 1, width, width + 1))
-    in_x, in_y = _source_coords(transforms, batch, height, width)
+    in_x, in_y = _source_coords(transforms, ramps, height, width)
     x0 = tf.truncatemod(index, width)
     y0 = tf.truncatemod(tf.truncatediv(index, width), height)
     fx = tf.clip_by_value(in_x - tf.cast(x0, tf.float32), 0.0, 1.0)
@@ -465,7 +474,9 @@ def warp_uint8(images: tf.Tensor, transforms: tf.Tensor) -> tf.Tensor:
     [B, H, W] (affine ``transforms`` [B, 8], sizes known when traced) in its two compiled
     steps; float32 [B, H, W]. Same sample points and weights as ``ImageProjectiveTransformV3``."""
     batch, height, width = (int(d) for d in images.shape)
-    return _sample_xla(images, _source_index_xla(transforms, batch, height, width), transforms)
+    ramps = _ramps(height, width)
+    return _sample_xla(images, _source_index_xla(transforms, ramps, batch, height, width),
+                       transforms, ramps)
 
 
 def _blur_one(image: tf.Tensor, taps: tf.Tensor) -> tf.Tensor:
@@ -503,12 +514,13 @@ def _blur_loop(x: tf.Tensor, sigma: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
 
 
 @tf.function(jit_compile=True)
-def _fused_xla(images, index, transforms, draws, blur_kernel, bank, rows, signs, params,
+def _fused_xla(images, index, transforms, ramps, draws, blur_kernel, bank, rows, signs, params,
                to_uint8):
     # Per-image quantities (the matrices, the blur taps) come in computed: left inside, XLA
     # fuses their cos/sin/exp into the per-pixel loop and recomputes them for every pixel.
     x = images[..., 0]
-    x = tf.cast(x, tf.float32) if params.affine_is_identity else _sample(x, index, transforms)
+    x = (tf.cast(x, tf.float32) if params.affine_is_identity
+         else _sample(x, index, transforms, ramps))
     gamma, contrast, brightness, sigma, noise_std, _ = tf.unstack(draws[:, N_AFFINE:], axis=1)
 
     def per_image(v):
@@ -569,10 +581,11 @@ def fused_augment(images: tf.Tensor, draws: tf.Tensor, params: AugmentConfig,
     blur_kernel = (_blur_kernel(draws[:, N_AFFINE + 3], min(height, width), params.blur_sigma)
                    if params.blurs else tf.zeros([tf.shape(draws)[0], 1]))
     transforms = transforms_from_draws(draws, height, width)
+    ramps = _ramps(height, width)
     index = (tf.zeros([0], tf.int32) if params.affine_is_identity
-             else _source_index_xla(transforms, int(images.shape[0]), height, width))
-    return _fused_xla(images, index, transforms, draws, blur_kernel, bank, index_rows, signs,
-                      params, bool(to_uint8))
+             else _source_index_xla(transforms, ramps, int(images.shape[0]), height, width))
+    return _fused_xla(images, index, transforms, ramps, draws, blur_kernel, bank, index_rows,
+                      signs, params, bool(to_uint8))
 
 
 def augment_float(images: tf.Tensor, draws: tf.Tensor, params: AugmentConfig,
