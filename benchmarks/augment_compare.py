@@ -8,7 +8,11 @@ checkout's, and the five-layer keras-cv chain, rows interleaved round by round.
 ``--cpu_time`` divides by the process's CPU time instead of wall time and ``--one_thread``
 runs TensorFlow on one thread (no spinning thread pool): on a shared machine that measures
 the cost per image, which other processes' load barely moves. Ratios are to the chain on
-float32 input (what ``image_dataset_from_directory`` hands it). Batch 32, 150 px by default.
+float32 input (what ``image_dataset_from_directory`` hands it) and, for every 'after' row, to
+the 'before' row of the same recipe and input. Both recipes run on uint8 input (what the
+stream delivers; the fused back end) and on float32 input (the fallback path). Batch 32,
+150 px by default. The last line checks issue 21's targets: the default recipe (affine +
+intensity) at least 5x the chain and the affine part alone at least 8x, on uint8 input.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from absl import flags
 from benchmarks import common
 from pneumo_data.common.errors import UserError
 
-flags.DEFINE_string("before_ref", "8538b1e", "Git ref whose pneumo_data/augment.py is "
+flags.DEFINE_string("before_ref", "040ab7c", "Git ref whose pneumo_data/augment.py is "
                                              "'before'.")
 flags.DEFINE_string("before_file", None, "An augment.py file to use as 'before' instead.")
 flags.DEFINE_integer("image_size", 150, "Side of the images.")
@@ -82,17 +86,18 @@ def rows(old, size: int, batch: int) -> dict:
             x = layer(x)
         return x
 
-    out = {"five keras-cv layers (float32 in)": tf.function(lambda: run_chain(xf))}
+    out = {CHAIN: tf.function(lambda: run_chain(xf))}
     for name, params in (("affine", AugmentConfig.seed_recipe()), ("default", AugmentConfig())):
-        before = old.RandomAffine.from_params(params)
-        after = new.RandomAffine.from_params(params)
-        out[f"before: {name} (float32 in)"] = tf.function(
-            lambda layer=before: layer(xf, training=True))
-        out[f"after: {name} (uint8 in)"] = tf.function(
-            lambda layer=after: layer(x8, training=True))
-        out[f"after: {name} (float32 in)"] = tf.function(
-            lambda layer=after: layer(xf, training=True))
+        for kind, images in (("uint8", x8), ("float32", xf)):
+            for when, module in (("before", old), ("after", new)):
+                layer = module.RandomAffine.from_params(params)
+                out[f"{when}: {name} ({kind} in)"] = tf.function(
+                    lambda layer=layer, images=images: layer(images, training=True))
     return out
+
+
+CHAIN = "five keras-cv layers (float32 in)"
+TARGETS = {"after: default (uint8 in)": 5.0, "after: affine (uint8 in)": 8.0}
 
 
 def measure(functions: dict, batch: int, seconds: float, rounds: int, cpu_time: bool):
@@ -127,24 +132,36 @@ def main(argv):
     raw = measure(rows(old, FLAGS.image_size, FLAGS.batch_size), FLAGS.batch_size,
                   FLAGS.seconds, FLAGS.rounds, FLAGS.cpu_time)
     load_after = common.load_average()
-    chain = statistics.median(raw["five keras-cv layers (float32 in)"])
+    median = {name: statistics.median(v) for name, v in raw.items()}
+    chain = median[CHAIN]
+    over_before = {name: rate / median[name.replace("after:", "before:")]
+                   for name, rate in median.items() if name.startswith("after:")}
     unit = "img per CPU-second" if FLAGS.cpu_time else "img/s"
-    table_rows = [[name, statistics.median(v), f"{min(v):,.0f}-{max(v):,.0f}",
-                   f"{statistics.median(v) / chain:.2f}x"] for name, v in raw.items()]
+    table_rows = [[name, median[name], f"{min(v):,.0f}-{max(v):,.0f}",
+                   f"{median[name] / chain:.2f}x",
+                   f"{over_before[name]:.2f}x" if name in over_before else ""]
+                  for name, v in raw.items()]
     table = common.markdown_table([f"augmentation alone ({unit})", "median", "range",
-                                   "vs chain"], table_rows)
+                                   "vs chain", "after vs before"], table_rows)
+    checks = [f"{name.split(': ')[1]} {median[name] / chain:.2f}x (target {target:g}x: "
+              f"{'met' if median[name] / chain >= target else 'not met'})"
+              for name, target in TARGETS.items()]
     table += (f"\n\n{common.machine_line()}; load {load_before} -> {load_after}. "
               f"Batch {FLAGS.batch_size}, {FLAGS.image_size} px, {FLAGS.rounds} interleaved "
               f"rounds x {FLAGS.seconds:g} s per row; one TF thread: {FLAGS.one_thread}. "
               f"'before' = pneumo_data/augment.py at {FLAGS.before_file or FLAGS.before_ref}, "
-              f"loaded into the same process.")
+              f"loaded into the same process.\n\nIssue 21 targets, vs the chain: "
+              + "; ".join(checks) + ".")
     print(table, flush=True)
     name = FLAGS.name or ("augment_compare-cpu" if FLAGS.cpu_time else "augment_compare")
     common.write_results(name, FLAGS.output_dir, {
         "environment": common.environment(), "load_before": load_before,
         "load_after": load_after, "unit": unit, "one_thread": FLAGS.one_thread,
         "before": FLAGS.before_file or FLAGS.before_ref, "rates": raw,
-        "over_chain": {k: statistics.median(v) / chain for k, v in raw.items()}}, table)
+        "over_chain": {k: rate / chain for k, rate in median.items()},
+        "over_before": over_before,
+        "targets": {k: {"over_chain": median[k] / chain, "target": t,
+                        "met": median[k] / chain >= t} for k, t in TARGETS.items()}}, table)
 
 
 if __name__ == "__main__":

@@ -58,13 +58,12 @@ Two places to run it:
 Three back ends that give the same result (to float rounding):
 
 * ``"fused"`` (the default): for dense uint8 batches of one channel (what the stream
-  delivers), the warp and every intensity transform in one XLA-compiled function
-  (:func:`fused_augment`). The bilinear warp packs each pixel's 2x2 neighbourhood into one
-  int32 word, so a pixel costs one gather instead of four; gamma, contrast, brightness,
-  the blur (a shifted sum, fused) and the noise run in the same pass. On the 2-vCPU
-  EPYC of issue 21 it is about 1.7x ``ImageProjectiveTransformV3`` alone. Other inputs
-  (float, several channels, ragged, sizes unknown when traced) take the ``"kernel"``
-  path.
+  delivers), the warp and every intensity transform in two XLA-compiled functions
+  (:func:`fused_augment`): the first computes each output pixel's source index, the
+  second gathers the four neighbours' bytes and runs the bilinear weights, gamma, the blur
+  (a loop over the images that drew one, in place), contrast, brightness, the noise and
+  the clip. Other inputs (float, several channels, ragged, sizes unknown when traced)
+  take the ``"kernel"`` path.
 * ``"kernel"`` uses ``ImageProjectiveTransformV3`` (it has no XLA kernel).
 * ``"gather"`` computes the bilinear sample with four gathers, which XLA compiles, so a
   ``jit_compile=True`` train step can keep the augmentation inside.
@@ -358,36 +357,11 @@ def _shift_blur(images: tf.Tensor, sigma: tf.Tensor, max_sigma: float) -> tf.Ten
     return along(along(images, 1, height), 2, width)
 
 
-def _blur_drawn(x: tf.Tensor, sigma: tf.Tensor, kernel: tf.Tensor,
-                params: AugmentConfig) -> tf.Tensor:
-    """:func:`_shift_blur` (XLA) on the images that drew a blur, in a block of static size:
-    the images are ordered blurred-first and the first M (the expected count plus three
-    standard deviations) are blurred and put back; the rare batch with more than M blurred
-    images blurs all. The images in the block that drew no blur have the identity taps, so
-    the result is the same as blurring every image."""
-    batch = int(x.shape[0]) if x.shape[0] is not None else None
-    p = params.blur_probability
-    if batch is None or p >= 1:
-        return _shift_blur(x, kernel, params.blur_sigma)
-    block = min(batch, int(math.ceil(batch * p + 3 * math.sqrt(batch * p * (1 - p)))) + 1)
-    if block >= batch:
-        return _shift_blur(x, kernel, params.blur_sigma)
-    drawn = sigma > 0
-    order = tf.argsort(tf.cast(drawn, tf.int32), direction="DESCENDING", stable=True)[:block]
-
-    def some():
-        part = _shift_blur(tf.gather(x, order), tf.gather(kernel, order), params.blur_sigma)
-        return tf.tensor_scatter_nd_update(x, order[:, None], part)
-
-    return tf.cond(tf.reduce_sum(tf.cast(drawn, tf.int32)) > block,
-                   lambda: _shift_blur(x, kernel, params.blur_sigma), some)
-
-
-def _intensity(x: tf.Tensor, draws: tf.Tensor, params: AugmentConfig, noise, fused: bool,
-               blur_kernel=None):
-    """The intensity transforms on float images [B, H, W, C] (0..255): one definition for
-    every back end (``fused``: the XLA forms of the blur); ``noise`` is a callable giving
-    the batch's standard normal noise."""
+def _intensity(x: tf.Tensor, draws: tf.Tensor, params: AugmentConfig, noise, fused: bool):
+    """The intensity transforms on float images [B, H, W, C] (0..255) of the "kernel" and
+    "gather" back ends (``fused``: the XLA form of the blur); ``noise`` is a callable giving
+    the batch's standard normal noise. The fused back end's pass (:func:`_fused_xla`) does
+    the same arithmetic in another order."""
     gamma, contrast, brightness, sigma, noise_std, _ = tf.unstack(draws[:, N_AFFINE:], axis=1)
 
     def per_image(v):
@@ -407,10 +381,7 @@ def _intensity(x: tf.Tensor, draws: tf.Tensor, params: AugmentConfig, noise, fus
             offset = offset + (1.0 - scale) * mean
         x = scale * x + offset
     if params.blurs:
-        if blur_kernel is not None:
-            x = _blur_drawn(x, sigma, blur_kernel, params)
-        else:
-            x = (_shift_blur if fused else _blur_subset)(x, sigma, params.blur_sigma)
+        x = (_shift_blur if fused else _blur_subset)(x, sigma, params.blur_sigma)
     if params.noise_levels:
         x = x + per_image(noise_std) * noise()
     return tf.clip_by_value(x, 0.0, 255.0)
@@ -432,51 +403,150 @@ def apply_intensity(images: tf.Tensor, draws: tf.Tensor, params: AugmentConfig,
                       fused=backend == "gather")
 
 
-def _pack_quads(images: tf.Tensor) -> tf.Tensor:
-    """uint8 [B, H, W] -> int32 [B*H*W]: each pixel's 2x2 neighbourhood (right and lower
-    neighbours edge-replicated) as the four bytes of one word."""
-    padded = tf.pad(images, [[0, 0], [0, 1], [0, 1]], mode="SYMMETRIC")  # edge replicate
-    quad = tf.stack([padded[:, :-1, :-1], padded[:, :-1, 1:],
-                     padded[:, 1:, :-1], padded[:, 1:, 1:]], axis=-1)
-    return tf.reshape(tf.bitcast(quad, tf.int32), [-1])
-
-
-def _warp_quads(images: tf.Tensor, transforms: tf.Tensor) -> tf.Tensor:
-    """The bilinear, nearest-fill warp of uint8 images [B, H, W] (affine ``transforms``
-    [B, 8]) with one gather per pixel; float32 [B, H, W]. Same sample points and weights
-    as ``ImageProjectiveTransformV3`` (coordinates clamped to the image: nearest fill)."""
-    batch, height, width = (int(d) for d in images.shape)
-    flat = _pack_quads(images)
+def _source_coords(transforms: tf.Tensor, ramps, height: int, width: int):
+    """The source point (in_x, in_y) [B, H, W] of every output pixel for affine ``transforms``
+    [B, 8], clamped to the image (nearest fill), as ``ImageProjectiveTransformV3`` computes it.
+    ``ramps`` are the output pixels' x and y coordinates, float32 [W] and [H]
+    (:func:`_ramps`)."""
     t = tf.cast(transforms, tf.float32)
 
     def row(i):
         return t[:, i][:, None, None]
 
-    xs = tf.range(width, dtype=tf.float32)[None, None, :]
-    ys = tf.range(height, dtype=tf.float32)[None, :, None]
+    xs, ys = ramps[0][None, None, :], ramps[1][None, :, None]
     in_x = tf.clip_by_value(row(0) * xs + (row(1) * ys + row(2)), 0.0, width - 1.0)
     in_y = tf.clip_by_value(row(3) * xs + (row(4) * ys + row(5)), 0.0, height - 1.0)
-    x0, y0 = tf.floor(in_x), tf.floor(in_y)
-    fx, fy = in_x - x0, in_y - y0
-    index = ((tf.range(batch)[:, None, None] * height + tf.cast(y0, tf.int32)) * width
-             + tf.cast(x0, tf.int32))
-    quad = tf.cast(tf.bitcast(tf.gather(flat, index), tf.uint8), tf.float32)  # [B, H, W, 4]
-    top = quad[..., 0] + fx * (quad[..., 1] - quad[..., 0])
-    bottom = quad[..., 2] + fx * (quad[..., 3] - quad[..., 2])
+    return in_x, in_y
+
+
+def _ramps(height: int, width: int):
+    """0, 1, ..., W - 1 and 0, ..., H - 1 as float32 tensors. They enter the compiled functions
+    as arguments: built inside, XLA makes them an iota and converts its 64-bit loop counter to
+    float for every pixel, which AVX2 has no instruction for (the index loop takes 2x as long)."""
+    return (tf.range(width, dtype=tf.float32), tf.range(height, dtype=tf.float32))
+
+
+def _source_index(transforms: tf.Tensor, ramps, batch: int, height: int,
+                  width: int) -> tf.Tensor:
+    """int32 [B, H, W]: the flat index (into the batch's pixels) of each output pixel's upper
+    left source neighbour."""
+    in_x, in_y = _source_coords(transforms, ramps, height, width)
+    x0 = tf.cast(in_x, tf.int32)  # the floor: in_x >= 0
+    y0 = tf.cast(in_y, tf.int32)
+    return (tf.range(batch)[:, None, None] * height + y0) * width + x0
+
+
+# A compiled function of its own: inside the sampling function XLA fuses the index arithmetic
+# into the gather's loop, which it then cannot vectorize (about 2x slower on the CPU).
+_source_index_xla = tf.function(_source_index, jit_compile=True)
+
+
+def _sample(images: tf.Tensor, index: tf.Tensor, transforms: tf.Tensor, ramps) -> tf.Tensor:
+    """The bilinear samples float32 [B, H, W] of uint8 images [B, H, W] at the source points
+    of ``transforms``, the upper left neighbours given by ``index`` (:func:`_source_index`).
+
+    The four neighbours are four byte gathers from the flat batch; a right or lower neighbour
+    past the image's edge only occurs with weight 0 (the point is clamped onto the edge), so
+    whatever it reads (the next row; past the batch's end, its last pixel) leaves the sample
+    exactly the edge pixel, as nearest fill has it. The weights come from the point recomputed
+    here against the neighbour ``index`` names (not a second floor, which XLA might round
+    differently)."""
+    batch, height, width = (int(d) for d in images.shape)
+    flat = tf.reshape(images, [-1])
+    last = batch * height * width - 1
+    q0, q1, q2, q3 = (tf.cast(tf.gather(flat, tf.minimum(index + d, last)), tf.float32)
+                      for d in (0, 1, width, width + 1))
+    in_x, in_y = _source_coords(transforms, ramps, height, width)
+    x0 = tf.truncatemod(index, width)
+    y0 = tf.truncatemod(tf.truncatediv(index, width), height)
+    fx = tf.clip_by_value(in_x - tf.cast(x0, tf.float32), 0.0, 1.0)
+    fy = tf.clip_by_value(in_y - tf.cast(y0, tf.float32), 0.0, 1.0)
+    top = q0 + fx * (q1 - q0)
+    bottom = q2 + fx * (q3 - q2)
     return top + fy * (bottom - top)
 
 
+_sample_xla = tf.function(_sample, jit_compile=True)
+
+
+def warp_uint8(images: tf.Tensor, transforms: tf.Tensor) -> tf.Tensor:
+    """The fused back end's warp alone: the bilinear, nearest-fill warp of uint8 images
+    [B, H, W] (affine ``transforms`` [B, 8], sizes known when traced) in its two compiled
+    steps; float32 [B, H, W]. Same sample points and weights as ``ImageProjectiveTransformV3``."""
+    batch, height, width = (int(d) for d in images.shape)
+    ramps = _ramps(height, width)
+    return _sample_xla(images, _source_index_xla(transforms, ramps, batch, height, width),
+                       transforms, ramps)
+
+
+def _blur_one(image: tf.Tensor, taps: tf.Tensor) -> tf.Tensor:
+    """One float image [H, W] blurred by the separable kernel ``taps`` [2r + 1] along both
+    axes, edges mirrored (as :func:`_blur`): a sum of 2r + 1 shifted copies per axis."""
+    radius = (int(taps.shape[0]) - 1) // 2
+
+    def along(x, axis):
+        paddings = [[0, 0], [0, 0]]
+        paddings[axis] = [radius, radius]
+        padded = tf.pad(x, paddings, mode="SYMMETRIC")
+        n = int(x.shape[axis])
+        parts = [taps[i] * (padded[i:i + n] if axis == 0 else padded[:, i:i + n])
+                 for i in range(2 * radius + 1)]
+        return tf.add_n(parts)
+
+    return along(along(image, 0), 1)
+
+
+def _blur_loop(x: tf.Tensor, sigma: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+    """:func:`_blur` of float images [B, H, W] (taps [B, 2r + 1] of :func:`_blur_kernel`) on
+    the images that drew a blur only (``sigma`` > 0), one image per step of a loop that
+    updates the batch in place: the work follows the number of blurred images, and the
+    others pass exactly as they were (as a sigma of 0 leaves them)."""
+    drawn = tf.cast(sigma > 0, tf.int32)
+    count = tf.reduce_sum(drawn)
+    order = tf.argsort(drawn, direction="DESCENDING", stable=True)
+
+    def step(j, images):
+        b = tf.gather(order, j)
+        blurred = _blur_one(tf.gather(images, b), tf.gather(kernel, b))
+        return j + 1, tf.tensor_scatter_nd_update(images, b[None, None], blurred[None])
+
+    return tf.while_loop(lambda j, _: j < count, step, (tf.constant(0), x))[1]
+
+
 @tf.function(jit_compile=True)
-def _fused_xla(images, transforms, draws, blur_kernel, bank, index, signs, params, to_uint8):
+def _fused_xla(images, index, transforms, ramps, draws, blur_kernel, bank, rows, signs, params,
+               to_uint8):
     # Per-image quantities (the matrices, the blur taps) come in computed: left inside, XLA
     # fuses their cos/sin/exp into the per-pixel loop and recomputes them for every pixel.
     x = images[..., 0]
-    x = tf.cast(x, tf.float32) if params.affine_is_identity else _warp_quads(x, transforms)
-    x = x[..., None]
+    x = (tf.cast(x, tf.float32) if params.affine_is_identity
+         else _sample(x, index, transforms, ramps))
+    gamma, contrast, brightness, sigma, noise_std, _ = tf.unstack(draws[:, N_AFFINE:], axis=1)
+
+    def per_image(v):
+        return v[:, None, None]
+
+    if params.gamma:  # as in _intensity
+        x = tf.exp(per_image(gamma) * tf.math.log(tf.maximum(x, 0.0))
+                   + per_image((1.0 - gamma) * math.log(255.0)))
+    # Contrast and brightness, c x + (b + (1 - c) m), come after the blur here: the blur's
+    # taps sum to 1 and are symmetric, and its edges mirror, so it commutes with them and
+    # keeps each image's mean m (of the image after gamma) to float rounding; the pixels then
+    # pass once, and the loop updates the batch in place (no copy kept for the mean).
+    if params.blurs:
+        x = _blur_loop(x, sigma, blur_kernel)
+    scale = per_image(contrast) if params.contrast else 1.0
+    offset = per_image(brightness) if params.brightness_levels else 0.0
+    if params.contrast:
+        mean = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
+        offset = offset + (1.0 - scale) * mean
+    if params.contrast or params.brightness_levels:
+        x = scale * x + offset
+    if params.noise_levels:
+        x = x + per_image(noise_std) * noise_from_parts((bank, rows, signs), tf.shape(x))
     if not params.intensity_is_identity:
-        x = _intensity(x, draws, params,
-                       lambda: noise_from_parts((bank, index, signs), tf.shape(x)),
-                       fused=True, blur_kernel=blur_kernel)
+        x = tf.clip_by_value(x, 0.0, 255.0)
+    x = x[..., None]
     if to_uint8:
         return tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8)
     return x
@@ -504,13 +574,18 @@ def fused_augment(images: tf.Tensor, draws: tf.Tensor, params: AugmentConfig,
     draws = tf.cast(draws, tf.float32)
     height, width = int(images.shape[1]), int(images.shape[2])
     if params.noise_levels:
-        bank, index, signs = noise_parts(tf.shape(images), _noise_seed(draws[:, N_AFFINE + 5]))
+        bank, index_rows, signs = noise_parts(tf.shape(images),
+                                              _noise_seed(draws[:, N_AFFINE + 5]))
     else:
-        bank = index = signs = tf.zeros([0])
+        bank = index_rows = signs = tf.zeros([0])
     blur_kernel = (_blur_kernel(draws[:, N_AFFINE + 3], min(height, width), params.blur_sigma)
                    if params.blurs else tf.zeros([tf.shape(draws)[0], 1]))
-    return _fused_xla(images, transforms_from_draws(draws, height, width), draws, blur_kernel,
-                      bank, index, signs, params, bool(to_uint8))
+    transforms = transforms_from_draws(draws, height, width)
+    ramps = _ramps(height, width)
+    index = (tf.zeros([0], tf.int32) if params.affine_is_identity
+             else _source_index_xla(transforms, ramps, int(images.shape[0]), height, width))
+    return _fused_xla(images, index, transforms, ramps, draws, blur_kernel, bank, index_rows,
+                      signs, params, bool(to_uint8))
 
 
 def augment_float(images: tf.Tensor, draws: tf.Tensor, params: AugmentConfig,

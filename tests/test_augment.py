@@ -411,7 +411,7 @@ def test_fused_and_kernel_warps_reproduce_image_data_generator():
     from tf_keras.preprocessing.image import ImageDataGenerator
 
     from benchmarks.common import OLD_AUGMENTATION
-    from pneumo_data.augment import _warp_quads
+    from pneumo_data.augment import warp_uint8
     size = 64
     gen = ImageDataGenerator(**OLD_AUGMENTATION)
     images = np.concatenate([smooth_batch(8, size, size, seed=3).numpy(),
@@ -424,7 +424,7 @@ def test_fused_and_kernel_warps_reproduce_image_data_generator():
     expected, transforms = np.stack(expected), tf.constant(np.stack(transforms))
     x = tf.constant(images)
     kernel = warp(tf.cast(x, tf.float32), transforms, "kernel").numpy()
-    fused = tf.function(_warp_quads, jit_compile=True)(x[..., 0], transforms).numpy()[..., None]
+    fused = warp_uint8(x[..., 0], transforms).numpy()[..., None]
     for got in (kernel, fused):
         assert np.abs(got - expected).max() < 0.01
         assert (np.round(got) == np.round(expected)).mean() > 0.999
@@ -496,3 +496,20 @@ def test_fused_host_augmentation_in_tf_data_is_seeded():
     a, b = stream(), stream()
     assert all(np.array_equal(u, v) for u, v in zip(a, b))
     assert not np.array_equal(a[0], a[1]) and a[0].dtype == np.uint8
+
+
+def test_fused_blur_loop_blurs_only_the_drawn_images_and_keeps_their_means():
+    """The fused back end blurs image by image in a loop over the images that drew a blur:
+    the same pixels as the batched depthwise blur, the others untouched; and a blur with
+    mirrored edges keeps an image's mean (so contrast may follow it, as the fused pass has
+    it)."""
+    from pneumo_data.augment import _blur, _blur_kernel, _blur_loop
+    x = tf.cast(smooth_batch(8, 40, 48, seed=5), tf.float32)[..., 0]
+    sigma = tf.constant([0.05, 0.0, 0.02, 0.0, 0.0, 0.049, 0.001, 0.0])
+    kernel = _blur_kernel(sigma, 40, 0.05)
+    out = tf.function(_blur_loop, jit_compile=True)(x, sigma, kernel).numpy()
+    expected = _blur(x[..., None], sigma, 0.05).numpy()[..., 0]
+    np.testing.assert_allclose(out, expected, atol=2e-4)
+    kept = sigma.numpy() == 0
+    np.testing.assert_array_equal(out[kept], x.numpy()[kept])
+    np.testing.assert_allclose(out.mean(axis=(1, 2)), x.numpy().mean(axis=(1, 2)), atol=1e-3)
