@@ -189,8 +189,8 @@ def augmentation_alone(size: int, batch: int, seconds: float, repeats: int) -> d
 def main(argv):
     del argv
     source_dir = common.source_dir(FLAGS.source_dir)  # refused before TensorFlow loads
-    name = FLAGS.name or f"throughput-{Path(source_dir).name}"
-    common.check_writable(*common.result_paths(name, FLAGS.output_dir, FLAGS.plot))
+    result_name = FLAGS.name or f"throughput-{Path(source_dir).name}"
+    common.check_writable(*common.result_paths(result_name, FLAGS.output_dir, FLAGS.plot))
     import_tensorflow()  # TensorFlow's start-up and C++ INFO lines filtered (see jobs)
     size, batch = FLAGS.image_size, FLAGS.batch_size
     root = class_root(source_dir)
@@ -246,7 +246,7 @@ def main(argv):
                "augmentation_alone": aug,
                "fused_over_chain": fused["median"] / chain["median"],
                "intensity_on_over_off": fused_intensity["median"] / fused["median"]}
-    path = common.write_results(name, FLAGS.output_dir, payload, table)
+    path = common.write_results(result_name, FLAGS.output_dir, payload, table)
     if FLAGS.plot:
         common.bar_chart(path.with_suffix(".png"), {k: v["median"] for k, v in results.items()},
                          "images/s", f"Input throughput, {size}x{size}, batch {batch}")

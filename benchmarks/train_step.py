@@ -177,8 +177,8 @@ def main(argv):
     if FLAGS.rounds < 1:
         raise UserError(f"--rounds must be >= 1, got {FLAGS.rounds}")
     source_dir = common.source_dir(FLAGS.source_dir)  # refused before TensorFlow loads
-    name = FLAGS.name or f"train_step-{Path(source_dir).name}"
-    common.check_writable(*common.result_paths(name, FLAGS.output_dir, FLAGS.plot))
+    result_name = FLAGS.name or f"train_step-{Path(source_dir).name}"
+    common.check_writable(*common.result_paths(result_name, FLAGS.output_dir, FLAGS.plot))
     import_tensorflow()  # TensorFlow's start-up and C++ INFO lines filtered (see jobs)
     from pneumo_data.prepare import PrepareConfig, prepare
     size, batch = FLAGS.image_size, FLAGS.batch_size
@@ -234,7 +234,7 @@ def main(argv):
               f"{common.machine_line()}"
               + (f"; load average {min(loads):.1f}-{max(loads):.1f} while measuring"
                  if loads else "") + ".")
-    path = common.write_results(name, FLAGS.output_dir, {
+    path = common.write_results(result_name, FLAGS.output_dir, {
         "environment": common.environment(), "source_dir": source_dir, "image_size": size,
         "batch_size": batch, "steps": FLAGS.steps, "repeats": FLAGS.repeats, "cells": cells},
         table)
