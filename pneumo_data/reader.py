@@ -150,12 +150,7 @@ def _sampled_stream(m, config: PipelineConfig, weights, seed, deterministic,
         import random
         seed = random.SystemRandom().randrange(2 ** 31)
     parts, used, counts = [], [], []
-    for label, weight in zip(m.classes, weights):
-        if weight == 0:
-            continue
-        if m.count("train", label) == 0:
-            raise UserError(f"{m.data_dir}: the train split has no {label!r} images but its "
-                            f"class weight is {weight:.3f}")
+    for label, weight in shard_reader.drawn_classes(m, weights):
         ds, count = shard_reader.class_images(m, label, config, deterministic, input_context)
         parts.append(ds)
         used.append(weight)
@@ -280,12 +275,7 @@ def _train_stream(data_dir, config: PipelineConfig, *, seed, deterministic, clas
     if not dynamic and shard_reader.as_cache(config.cache) == "memory":
         return _sampled_stream(m, config, weights, seed, deterministic, input_context)
     streams, used = [], []
-    for label, weight in zip(m.classes, weights):
-        if weight == 0:
-            continue
-        if m.count("train", label) == 0:
-            raise UserError(f"{data_dir}: the train split has no {label!r} images but its "
-                            f"class weight is {weight:.3f}")
+    for label, weight in shard_reader.drawn_classes(m, weights):
         stream_seed = None if seed is None else seed + 1000 * (len(streams) + 1)
         streams.append(_class_stream(m, label, config, stream_seed, deterministic,
                                      input_context, dynamic))

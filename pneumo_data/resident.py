@@ -158,12 +158,7 @@ def _read(data_dir, config: PipelineConfig, weights):
     the order costs nothing here, it is read once)."""
     m = shard_reader.open_split(data_dir, "train", config)
     images, labels, counts, used = [], [], [], []
-    for label, weight in zip(m.classes, weights):
-        if weight == 0:
-            continue
-        if m.count("train", label) == 0:
-            raise ResidentRefused(f"the train split has no {label!r} images but its class "
-                                  f"weight is {weight:.3f}")
+    for label, weight in shard_reader.drawn_classes(m, weights):
         ds, count = shard_reader.class_images(m, label, config, deterministic=True)
         x, y = ds.with_options(shard_reader.options(True)).get_single_element()
         images.append(x.numpy())

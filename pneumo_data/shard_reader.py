@@ -95,6 +95,20 @@ def options(deterministic: bool) -> tf.data.Options:
     return options
 
 
+def drawn_classes(m: manifest_lib.Manifest, weights) -> list[tuple[str, float]]:
+    """The train split's classes the stream draws from (weight above 0), with their weights;
+    :class:`UserError` when one of them has no images."""
+    drawn = []
+    for label, weight in zip(m.classes, weights):
+        if weight == 0:
+            continue
+        if m.count("train", label) == 0:
+            raise UserError(f"{m.data_dir}: the train split has no {label!r} images but its "
+                            f"class weight is {weight:.3f}")
+        drawn.append((label, weight))
+    return drawn
+
+
 def class_files(m, label: str, input_context) -> tuple[list[str], int]:
     """Class ``label``'s shard files of this input pipeline (files ``i, i+P, ...`` of ``P``)
     and the images they hold."""

@@ -109,6 +109,18 @@ class EvalInput:
         return max(shares)
 
 
+def _record(strategy, metrics, weighted: bool, outputs) -> None:
+    """Adds one step's per-replica (loss, labels, probabilities, weights) to the training
+    metrics: the loss summed over the replicas, the rest gathered."""
+    loss, y, p, w = outputs
+    loss = strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+    y, p = strategy.gather(y, axis=0), strategy.gather(p, axis=0)
+    w = strategy.gather(w, axis=0) if weighted else None
+    metrics[0].update_state(loss)
+    for metric in metrics[1:]:
+        metric.update_state(y, p, sample_weight=w)
+
+
 class TrainingLoop:
     """Trains and evaluates a Keras model under ``strategy``.
 
@@ -268,13 +280,7 @@ class TrainingLoop:
         weighted = self.class_weight is not None
 
         def one_step(x, y):
-            loss, y, p, w = strategy.run(replica_step, args=(x, y))
-            loss = strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
-            y, p = strategy.gather(y, axis=0), strategy.gather(p, axis=0)
-            w = strategy.gather(w, axis=0) if weighted else None
-            metrics[0].update_state(loss)
-            for metric in metrics[1:]:
-                metric.update_state(y, p, sample_weight=w)
+            _record(strategy, metrics, weighted, strategy.run(replica_step, args=(x, y)))
 
         @tf.function
         def train_function(iterator, steps):
@@ -300,13 +306,7 @@ class TrainingLoop:
         @tf.function
         def train_function(steps):
             for _ in tf.range(steps):
-                loss, y, p, w = strategy.run(replica)
-                loss = strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
-                y, p = strategy.gather(y, axis=0), strategy.gather(p, axis=0)
-                w = strategy.gather(w, axis=0) if weighted else None
-                metrics[0].update_state(loss)
-                for metric in metrics[1:]:
-                    metric.update_state(y, p, sample_weight=w)
+                _record(strategy, metrics, weighted, strategy.run(replica))
             return {m.name: m.result() for m in metrics}
 
         return train_function
