@@ -439,14 +439,24 @@ def test_fused_matches_the_kernel_path_for_the_same_draws():
         assert host.dtype == np.uint8 and np.abs(host - np.round(kernel)).max() <= 1
 
 
-def test_fused_layer_takes_uint8_and_falls_back_for_float_and_rgb():
+def test_fused_layer_takes_uint8_and_float32_and_falls_back_for_rgb():
+    from pneumo_data.augment import augment_float, fused_augment, fusable
     layer = RandomAffine.from_params(AugmentConfig(), seed=5)
     x = smooth_batch(8, 32, 32)
     assert layer(x, training=True).dtype == tf.float32
-    out = layer(tf.cast(x, tf.float32), training=True)  # kernel path
+    out = layer(tf.cast(x, tf.float32), training=True)  # float32: the fused passes too
     assert out.shape == x.shape and out.dtype == tf.float32
-    rgb = tf.constant(np.repeat(x.numpy(), 3, axis=-1))
-    assert layer(rgb, training=True).shape == rgb.shape
+    assert fusable(tf.cast(x, tf.float32)) and not fusable(tf.cast(x, tf.float16))
+    # float32 input gives the uint8 input's pixels (same draws), and the kernel path's
+    params = AugmentConfig(blur_probability=1.0)
+    draws = sample_draws(8, params, tf.constant([2, 3]))
+    from_uint8 = fused_augment(x, draws, params).numpy()
+    from_float = fused_augment(tf.cast(x, tf.float32), draws, params).numpy()
+    np.testing.assert_allclose(from_float, from_uint8, atol=1e-3)
+    kernel = augment_float(tf.cast(x, tf.float32), draws, params, "kernel").numpy()
+    np.testing.assert_allclose(from_float, kernel, atol=0.05)
+    rgb = tf.constant(np.repeat(x.numpy(), 3, axis=-1))  # kernel path
+    assert not fusable(rgb) and layer(rgb, training=True).shape == rgb.shape
     fn = tf.function(lambda images: layer(images, training=True))  # batch unknown: compiles
     assert fn(x).shape == x.shape                                    # per concrete shape
 
