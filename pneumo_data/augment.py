@@ -57,13 +57,14 @@ Two places to run it:
 
 Three back ends that give the same result (to float rounding):
 
-* ``"fused"`` (the default): for dense uint8 batches of one channel (what the stream
-  delivers), the warp and every intensity transform in two XLA-compiled functions
-  (:func:`fused_augment`): the first computes each output pixel's source index, the
-  second gathers the four neighbours' bytes and runs the bilinear weights, gamma, the blur
-  (a loop over the images that drew one, in place), contrast, brightness, the noise and
-  the clip. Other inputs (float, several channels, ragged, sizes unknown when traced)
-  take the ``"kernel"`` path.
+* ``"fused"`` (the default): for dense batches of one channel, uint8 (what the stream
+  delivers) or float32, the warp and every intensity transform in two XLA-compiled
+  functions (:func:`fused_augment`): the first computes each output pixel's source index
+  (a vectorized loop of its own; fused into the gather, XLA emits it scalar), the second
+  gathers the four neighbours and runs, per pixel, the bilinear weights and gamma, then
+  the blur (a loop over the images that drew one, in place), then contrast, brightness,
+  the noise and the clip in one more pass. Other inputs (other dtypes, several channels,
+  ragged, sizes unknown when traced) take the ``"kernel"`` path.
 * ``"kernel"`` uses ``ImageProjectiveTransformV3`` (it has no XLA kernel).
 * ``"gather"`` computes the bilinear sample with four gathers, which XLA compiles, so a
   ``jit_compile=True`` train step can keep the augmentation inside.
@@ -446,12 +447,12 @@ def _sample(images: tf.Tensor, index: tf.Tensor, transforms: tf.Tensor, ramps) -
     source points of ``transforms``, the upper left neighbours given by ``index``
     (:func:`_source_index`).
 
-    The four neighbours are four gathers (of bytes, for uint8) from the flat batch; a right or lower neighbour
-    past the image's edge only occurs with weight 0 (the point is clamped onto the edge), so
-    whatever it reads (the next row; past the batch's end, its last pixel) leaves the sample
-    exactly the edge pixel, as nearest fill has it. The weights come from the point recomputed
-    here against the neighbour ``index`` names (not a second floor, which XLA might round
-    differently)."""
+    The four neighbours are four gathers (of bytes, for uint8) from the flat batch; a right
+    or lower neighbour past the image's edge only occurs with weight 0 (the point is clamped
+    onto the edge), so whatever it reads (the next row; past the batch's end, its last pixel)
+    leaves the sample exactly the edge pixel, as nearest fill has it. The weights come from
+    the point recomputed here against the neighbour ``index`` names (not a second floor,
+    which XLA might round differently)."""
     batch, height, width = (int(d) for d in images.shape)
     flat = tf.reshape(images, [-1])
     last = batch * height * width - 1
@@ -567,7 +568,7 @@ def fused_augment(images: tf.Tensor, draws: tf.Tensor, params: AugmentConfig,
     ``draws`` [B, 13] in two XLA-compiled functions: float32 0..255, or uint8 rounded with
     ``to_uint8``.
 
-    The noise's random parts are drawn outside the compiled function (the same numbers as
+    The noise's random parts are drawn outside the compiled functions (the same numbers as
     every other back end; XLA's stateless random ops are slow on CPU).
     """
     if not fusable(images):
