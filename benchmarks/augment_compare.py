@@ -62,6 +62,19 @@ def before_path(ref: str, file: str | None) -> str:
     return out.name
 
 
+def checkout_ref() -> str:
+    """This checkout's commit (short), with "+changes" when augment.py differs from it."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True,
+                              text=True).stdout.strip()
+    try:
+        head = git("rev-parse", "--short", "HEAD") or "?"
+        changed = git("status", "--porcelain", "--", "pneumo_data/augment.py")
+    except OSError:
+        return "?"
+    return head + ("+changes" if changed else "")
+
+
 def load_module(path: str, name: str = "augment_before"):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -128,6 +141,7 @@ def main(argv):
         tf.config.threading.set_intra_op_parallelism_threads(1)
         tf.config.threading.set_inter_op_parallelism_threads(1)
     old = load_module(old_file)
+    after = checkout_ref()
     load_before = common.load_average()
     raw = measure(rows(old, FLAGS.image_size, FLAGS.batch_size), FLAGS.batch_size,
                   FLAGS.seconds, FLAGS.rounds, FLAGS.cpu_time)
@@ -150,14 +164,14 @@ def main(argv):
               f"Batch {FLAGS.batch_size}, {FLAGS.image_size} px, {FLAGS.rounds} interleaved "
               f"rounds x {FLAGS.seconds:g} s per row; one TF thread: {FLAGS.one_thread}. "
               f"'before' = pneumo_data/augment.py at {FLAGS.before_file or FLAGS.before_ref}, "
-              f"loaded into the same process.\n\nIssue 21 targets, vs the chain: "
-              + "; ".join(checks) + ".")
+              f"loaded into the same process; 'after' = this checkout ({after}).\n\n"
+              f"Issue 21 targets, vs the chain: " + "; ".join(checks) + ".")
     print(table, flush=True)
     name = FLAGS.name or ("augment_compare-cpu" if FLAGS.cpu_time else "augment_compare")
     common.write_results(name, FLAGS.output_dir, {
         "environment": common.environment(), "load_before": load_before,
         "load_after": load_after, "unit": unit, "one_thread": FLAGS.one_thread,
-        "before": FLAGS.before_file or FLAGS.before_ref, "rates": raw,
+        "before": FLAGS.before_file or FLAGS.before_ref, "after": after, "rates": raw,
         "over_chain": {k: rate / chain for k, rate in median.items()},
         "over_before": over_before,
         "targets": {k: {"over_chain": median[k] / chain, "target": t,

@@ -57,13 +57,14 @@ Two places to run it:
 
 Three back ends that give the same result (to float rounding):
 
-* ``"fused"`` (the default): for dense uint8 batches of one channel (what the stream
-  delivers), the warp and every intensity transform in two XLA-compiled functions
-  (:func:`fused_augment`): the first computes each output pixel's source index, the
-  second gathers the four neighbours' bytes and runs the bilinear weights, gamma, the blur
-  (a loop over the images that drew one, in place), contrast, brightness, the noise and
-  the clip. Other inputs (float, several channels, ragged, sizes unknown when traced)
-  take the ``"kernel"`` path.
+* ``"fused"`` (the default): for dense batches of one channel, uint8 (what the stream
+  delivers) or float32, the warp and every intensity transform in two XLA-compiled
+  functions (:func:`fused_augment`): the first computes each output pixel's source index
+  (a vectorized loop of its own; fused into the gather, XLA emits it scalar), the second
+  gathers the four neighbours and runs, per pixel, the bilinear weights and gamma, then
+  the blur (a loop over the images that drew one, in place), then contrast, brightness,
+  the noise and the clip in one more pass. Other inputs (other dtypes, several channels,
+  ragged, sizes unknown when traced) take the ``"kernel"`` path.
 * ``"kernel"`` uses ``ImageProjectiveTransformV3`` (it has no XLA kernel).
 * ``"gather"`` computes the bilinear sample with four gathers, which XLA compiles, so a
   ``jit_compile=True`` train step can keep the augmentation inside.
@@ -442,15 +443,16 @@ _source_index_xla = tf.function(_source_index, jit_compile=True)
 
 
 def _sample(images: tf.Tensor, index: tf.Tensor, transforms: tf.Tensor, ramps) -> tf.Tensor:
-    """The bilinear samples float32 [B, H, W] of uint8 images [B, H, W] at the source points
-    of ``transforms``, the upper left neighbours given by ``index`` (:func:`_source_index`).
+    """The bilinear samples float32 [B, H, W] of uint8 or float32 images [B, H, W] at the
+    source points of ``transforms``, the upper left neighbours given by ``index``
+    (:func:`_source_index`).
 
-    The four neighbours are four byte gathers from the flat batch; a right or lower neighbour
-    past the image's edge only occurs with weight 0 (the point is clamped onto the edge), so
-    whatever it reads (the next row; past the batch's end, its last pixel) leaves the sample
-    exactly the edge pixel, as nearest fill has it. The weights come from the point recomputed
-    here against the neighbour ``index`` names (not a second floor, which XLA might round
-    differently)."""
+    The four neighbours are four gathers (of bytes, for uint8) from the flat batch; a right
+    or lower neighbour past the image's edge only occurs with weight 0 (the point is clamped
+    onto the edge), so whatever it reads (the next row; past the batch's end, its last pixel)
+    leaves the sample exactly the edge pixel, as nearest fill has it. The weights come from
+    the point recomputed here against the neighbour ``index`` names (not a second floor,
+    which XLA might round differently)."""
     batch, height, width = (int(d) for d in images.shape)
     flat = tf.reshape(images, [-1])
     last = batch * height * width - 1
@@ -553,24 +555,25 @@ def _fused_xla(images, index, transforms, ramps, draws, blur_kernel, bank, rows,
 
 
 def fusable(images) -> bool:
-    """True when :func:`fused_augment` takes ``images``: a dense uint8 [B, H, W, 1] tensor
-    whose size is known when traced."""
-    return (isinstance(images, tf.Tensor) and images.dtype == tf.uint8
+    """True when :func:`fused_augment` takes ``images``: a dense uint8 or float32
+    [B, H, W, 1] tensor whose size is known when traced."""
+    return (isinstance(images, tf.Tensor) and images.dtype in (tf.uint8, tf.float32)
             and images.shape.rank == 4 and images.shape[-1] == 1
             and all(d is not None for d in images.shape))
 
 
 def fused_augment(images: tf.Tensor, draws: tf.Tensor, params: AugmentConfig,
                   to_uint8: bool = False) -> tf.Tensor:
-    """The whole augmentation of a uint8 batch [B, H, W, 1] for ``draws`` [B, 13] in one
-    XLA-compiled function: float32 0..255, or uint8 rounded with ``to_uint8``.
+    """The whole augmentation of a uint8 (or float32, 0..255) batch [B, H, W, 1] for
+    ``draws`` [B, 13] in two XLA-compiled functions: float32 0..255, or uint8 rounded with
+    ``to_uint8``.
 
-    The noise's random parts are drawn outside the compiled function (the same numbers as
+    The noise's random parts are drawn outside the compiled functions (the same numbers as
     every other back end; XLA's stateless random ops are slow on CPU).
     """
     if not fusable(images):
-        raise ValueError(f"fused_augment takes dense uint8 [B, H, W, 1] batches of known "
-                         f"size, got {images.dtype.name} {images.shape}")
+        raise ValueError(f"fused_augment takes dense uint8 or float32 [B, H, W, 1] batches "
+                         f"of known size, got {images.dtype.name} {images.shape}")
     draws = tf.cast(draws, tf.float32)
     height, width = int(images.shape[1]), int(images.shape[2])
     if params.noise_levels:
@@ -594,7 +597,7 @@ def augment_float(images: tf.Tensor, draws: tf.Tensor, params: AugmentConfig,
     warp, then the intensity transforms (each skipped when off); float32.
 
     ``backend="fused"`` takes :func:`fused_augment` when the batch is :func:`fusable`
-    (uint8) and the ``"kernel"`` path otherwise.
+    (uint8 or float32, one channel) and the ``"kernel"`` path otherwise.
     """
     if backend == "fused":
         if fusable(images):
@@ -714,7 +717,7 @@ class RandomAffine(VectorizedBaseImageAugmentationLayer):
         if not isinstance(inputs, tf.RaggedTensor):
             inputs = tf.convert_to_tensor(inputs)
         if active and self.backend == "fused" and fusable(inputs):
-            # the stream's uint8 batch, augmented in one compiled pass (no float copy first)
+            # the stream's uint8 batch (or a float32 one), augmented in the compiled passes
             draws = self.get_random_transformation_batch(tf.shape(inputs)[0])
             return fused_augment(inputs, draws, self.params)
         inputs = tf.cast(inputs, self.compute_dtype)

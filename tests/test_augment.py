@@ -445,14 +445,24 @@ def test_fused_matches_the_kernel_path_for_the_same_draws():
 
 
 @pytest.mark.slow
-def test_fused_layer_takes_uint8_and_falls_back_for_float_and_rgb():
+def test_fused_layer_takes_uint8_and_float32_and_falls_back_for_rgb():
+    from pneumo_data.augment import augment_float, fusable, fused_augment
     layer = RandomAffine.from_params(AugmentConfig(), seed=5)
     x = smooth_batch(8, 32, 32)
     assert layer(x, training=True).dtype == tf.float32
-    out = layer(tf.cast(x, tf.float32), training=True)  # kernel path
+    out = layer(tf.cast(x, tf.float32), training=True)  # float32: the fused passes too
     assert out.shape == x.shape and out.dtype == tf.float32
-    rgb = tf.constant(np.repeat(x.numpy(), 3, axis=-1))
-    assert layer(rgb, training=True).shape == rgb.shape
+    assert fusable(tf.cast(x, tf.float32)) and not fusable(tf.cast(x, tf.float16))
+    # float32 input gives the uint8 input's pixels (same draws), and the kernel path's
+    params = AugmentConfig(blur_probability=1.0)
+    draws = sample_draws(8, params, tf.constant([2, 3]))
+    from_uint8 = fused_augment(x, draws, params).numpy()
+    from_float = fused_augment(tf.cast(x, tf.float32), draws, params).numpy()
+    np.testing.assert_allclose(from_float, from_uint8, atol=1e-3)
+    kernel = augment_float(tf.cast(x, tf.float32), draws, params, "kernel").numpy()
+    np.testing.assert_allclose(from_float, kernel, atol=0.05)
+    rgb = tf.constant(np.repeat(x.numpy(), 3, axis=-1))  # kernel path
+    assert not fusable(rgb) and layer(rgb, training=True).shape == rgb.shape
     fn = tf.function(lambda images: layer(images, training=True))  # batch unknown: compiles
     assert fn(x).shape == x.shape                                    # per concrete shape
 
@@ -513,3 +523,27 @@ def test_fused_blur_loop_blurs_only_the_drawn_images_and_keeps_their_means():
     kept = sigma.numpy() == 0
     np.testing.assert_array_equal(out[kept], x.numpy()[kept])
     np.testing.assert_allclose(out.mean(axis=(1, 2)), x.numpy().mean(axis=(1, 2)), atol=1e-3)
+
+
+def test_fused_warp_weights_follow_the_neighbour_it_gathered():
+    """The fused warp computes the source index in one compiled loop and the weights in
+    another; if the second rounded a point on a whole pixel the other way, a floor there
+    would pair one pixel's weight with its neighbour. The weights are taken against the
+    neighbour the index names: given the upper left neighbour one pixel up and left of a
+    whole-pixel point (a weight of 1 on its lower right neighbour), the sample is still the
+    point's own pixel; and any transform gives the kernel warp's pixels."""
+    from pneumo_data.augment import _ramps, _sample, warp_uint8
+    x = batch(4, 40, 48, seed=7)
+    shift = tf.constant([[1.0, 0.0, 3.0, 0.0, 1.0, 5.0, 0.0, 0.0]] * 4)  # whole pixels
+    ys, xs = np.mgrid[0:40, 0:48]
+    src_x, src_y = np.minimum(xs + 3, 47), np.minimum(ys + 5, 39)
+    up_left = (np.arange(4)[:, None, None] * 40 + np.maximum(src_y - 1, 0)) * 48 \
+        + np.maximum(src_x - 1, 0)
+    sample = tf.function(_sample, jit_compile=True)
+    out = sample(x[..., 0], tf.constant(up_left, tf.int32), shift, _ramps(40, 48)).numpy()
+    np.testing.assert_array_equal(out, x.numpy()[:, src_y, src_x, 0].astype(np.float32))
+    t = sample_transforms(16, 40, 48, AugmentConfig(rotation_deg=40, zoom=0.3),
+                          tf.constant([8, 9]))
+    x = batch(16, 40, 48, seed=8)
+    kernel = warp(tf.cast(x, tf.float32), t, "kernel").numpy()[..., 0]
+    np.testing.assert_allclose(warp_uint8(x[..., 0], t).numpy(), kernel, atol=0.02)
