@@ -99,11 +99,13 @@ class SpaceToDepth(keras.layers.Layer):
     def call(self, inputs):
         b = self.block
         h, w = inputs.shape[1], inputs.shape[2]
+        if h is None or w is None:  # unknown when traced (e.g. a distributed dataset's input)
+            dynamic = tf.shape(inputs)
+            h = dynamic[1] if h is None else h
+            w = dynamic[2] if w is None else w
         ph, pw = -h % b, -w % b
-        x = inputs
-        if ph or pw:
-            x = tf.pad(x, [[0, 0], [ph // 2, ph - ph // 2], [pw // 2, pw - pw // 2], [0, 0]],
-                       mode="SYMMETRIC")
+        x = tf.pad(inputs, [[0, 0], [ph // 2, ph - ph // 2], [pw // 2, pw - pw // 2], [0, 0]],
+                   mode="SYMMETRIC")
         return tf.nn.space_to_depth(x, b)
 
     def compute_output_shape(self, input_shape):
