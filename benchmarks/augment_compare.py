@@ -30,7 +30,9 @@ from benchmarks import common
 from pneumo_data.common.errors import UserError
 
 flags.DEFINE_string("before_ref", "040ab7c", "Git ref whose pneumo_data/augment.py is "
-                                             "'before'.")
+                    "'before'. It is loaded alone: in a ref from after the augmentation was split "
+                    "into pneumo_data/augment_*.py, its imports of those modules take this "
+                    "checkout's, so compare against refs before the split or use --before_file.")
 flags.DEFINE_string("before_file", None, "An augment.py file to use as 'before' instead.")
 flags.DEFINE_integer("image_size", 150, "Side of the images.")
 flags.DEFINE_integer("batch_size", 32, "Batch size.")
@@ -63,13 +65,14 @@ def before_path(ref: str, file: str | None) -> str:
 
 
 def checkout_ref() -> str:
-    """This checkout's commit (short), with "+changes" when augment.py differs from it."""
+    """This checkout's commit (short), with "+changes" when the augmentation's modules
+    (``pneumo_data/augment*.py``) differ from it."""
     def git(*args):
         return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True,
                               text=True).stdout.strip()
     try:
         head = git("rev-parse", "--short", "HEAD") or "?"
-        changed = git("status", "--porcelain", "--", "pneumo_data/augment.py")
+        changed = git("status", "--porcelain", "--", "pneumo_data/augment*.py")
     except OSError:
         return "?"
     return head + ("+changes" if changed else "")

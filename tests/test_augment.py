@@ -366,7 +366,7 @@ def test_invalid_intensity_ranges(kwargs):
 def test_box_muller_noise_is_standard_normal_and_seeded():
     from scipy.stats import kstest
 
-    from pneumo_data.augment import _gaussian
+    from pneumo_data.augment_intensity import _gaussian
     z = _gaussian(tf.constant([3, 101, 7, 1]), tf.constant([5, 6], tf.int64)).numpy()
     assert z.shape == (3, 101, 7, 1)  # an odd count: the last pair is cut
     assert kstest(z.ravel(), "norm").pvalue > 0.01
@@ -513,7 +513,8 @@ def test_fused_blur_loop_blurs_only_the_drawn_images_and_keeps_their_means():
     the same pixels as the batched depthwise blur, the others untouched; and a blur with
     mirrored edges keeps an image's mean (so contrast may follow it, as the fused pass has
     it)."""
-    from pneumo_data.augment import _blur, _blur_kernel, _blur_loop
+    from pneumo_data.augment_fused import _blur_loop
+    from pneumo_data.augment_intensity import _blur, _blur_kernel
     x = tf.cast(smooth_batch(8, 40, 48, seed=5), tf.float32)[..., 0]
     sigma = tf.constant([0.05, 0.0, 0.02, 0.0, 0.0, 0.049, 0.001, 0.0])
     kernel = _blur_kernel(sigma, 40, 0.05)
@@ -532,7 +533,7 @@ def test_fused_warp_weights_follow_the_neighbour_it_gathered():
     neighbour the index names: given the upper left neighbour one pixel up and left of a
     whole-pixel point (a weight of 1 on its lower right neighbour), the sample is still the
     point's own pixel; and any transform gives the kernel warp's pixels."""
-    from pneumo_data.augment import _ramps, _sample, warp_uint8
+    from pneumo_data.augment_fused import _ramps, _sample, warp_uint8
     x = batch(4, 40, 48, seed=7)
     shift = tf.constant([[1.0, 0.0, 3.0, 0.0, 1.0, 5.0, 0.0, 0.0]] * 4)  # whole pixels
     ys, xs = np.mgrid[0:40, 0:48]
