@@ -109,10 +109,17 @@ def _noise_seed(noise_seed: tf.Tensor) -> tf.Tensor:
 
 def _blur_subset(images: tf.Tensor, sigma: tf.Tensor, max_sigma: float) -> tf.Tensor:
     """:func:`_blur` on the images whose sigma is above 0 only; the others pass unchanged
-    (a sigma of 0 is exactly the identity, so the result is the same, for less work)."""
+    (a sigma of 0 is exactly the identity, so the result is the same, for less work). A batch
+    in which no image drew a blur passes whole: the convolution is not run on an empty batch,
+    whose zero-channel filter oneDNN's depthwise kernel refuses ("filter must not have zero
+    elements", seen on Intel Xeon CPUs)."""
     chosen = tf.where(sigma > 0)[:, 0]
-    blurred = _blur(tf.gather(images, chosen), tf.gather(sigma, chosen), max_sigma)
-    return tf.tensor_scatter_nd_update(images, chosen[:, None], blurred)
+
+    def blur_chosen():
+        blurred = _blur(tf.gather(images, chosen), tf.gather(sigma, chosen), max_sigma)
+        return tf.tensor_scatter_nd_update(images, chosen[:, None], blurred)
+
+    return tf.cond(tf.size(chosen) > 0, blur_chosen, lambda: tf.identity(images))
 
 
 def _blur_kernel(sigma: tf.Tensor, side: int, max_sigma: float) -> tf.Tensor:

@@ -271,6 +271,25 @@ def test_intensity_units():
     np.testing.assert_array_equal(out[sigma == 0], f[sigma == 0])  # not blurred: exact
 
 
+@pytest.mark.parametrize("backend", ["kernel", "gather"])
+def test_a_batch_in_which_no_image_drew_a_blur_passes_unblurred(backend):
+    """The kernel path blurs only the images that drew a blur; when none did, it must not run
+    a convolution on an empty batch (oneDNN's depthwise kernel refuses its zero-channel
+    filter on Intel CPUs, which crashed training on batches without a blurred image)."""
+    x = tf.cast(smooth_batch(4), tf.float32)[..., :1]
+    rare = AugmentConfig(blur_sigma=0.05, blur_probability=1e-9)
+    assert rare.blurs
+    plain = dataclasses.replace(rare, blur_sigma=0.0)
+
+    @tf.function
+    def run(layer):
+        return layer(x, training=True)
+
+    out = run(RandomAffine.from_params(rare, seed=3, backend=backend)).numpy()
+    expected = run(RandomAffine.from_params(plain, seed=3, backend=backend)).numpy()
+    np.testing.assert_allclose(out, expected, atol=1e-3)  # the graphs differ: float rounding
+
+
 def augment_float_only(x, params, seed):
     draws = sample_draws(tf.shape(x)[0], params, seed)
     return apply_intensity(tf.cast(x, tf.float32), draws, params).numpy().astype(np.float64)
