@@ -137,8 +137,20 @@ def test_encoding_smoke(tmp_path, tiny_source):
     assert "raw" in (tmp_path / "result.md").read_text()
 
 
+# float32 only: --precisions=auto adds mixed_bfloat16 on CPUs with AVX512-BF16 or AMX (a row
+# more to time); what auto expands to is tested on its own below.
 ACCELERATOR = ("--image_size=32", "--batch_size=4", "--steps=2", "--warmup=1", "--windows=1",
-               "--rounds=1")
+               "--rounds=1", "--precisions=float32")
+
+
+def test_accelerator_auto_precisions_follow_the_device():
+    from benchmarks.accelerator import precisions
+    assert precisions(["auto"], False, None, False) == ["float32"]
+    assert precisions(["auto"], False, None, True) == ["float32", "mixed_bfloat16"]
+    assert precisions(["auto"], True, [(7, 5)], False) == ["float32", "mixed_float16"]
+    assert precisions(["auto"], True, [(8, 0), (9, 0)], False) == [
+        "float32", "mixed_float16", "mixed_bfloat16"]
+    assert precisions(["float32"], True, [(9, 0)], True) == ["float32"]
 
 
 @pytest.mark.slow
