@@ -8,7 +8,7 @@ import pytest
 
 from pneumo_models.train import train
 from tests.helpers import run_module
-from tests.test_train import KILL_AFTER_SECOND_EPOCH, epochs_in, small, train_killed
+from tests.train_runs import KILL_AFTER_SECOND_EPOCH, epochs_in, small, train_killed
 
 
 @pytest.mark.slow
