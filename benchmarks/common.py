@@ -21,6 +21,7 @@ from pneumo_data.common.files import replacing, write_text
 from pneumo_data.prepare import PrepareConfig, prepare
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO = RESULTS_DIR.parents[1]  # the checkout; its parent holds the workplace's shared data
 
 # The old recipe's ImageDataGenerator augmentation (shear_range is in degrees there).
 OLD_AUGMENTATION = dict(rotation_range=15, width_shift_range=0.1, height_shift_range=0.1,
@@ -244,12 +245,49 @@ def result_paths(name: str, output_dir: str | None, plot: bool = False) -> list[
     return [out / f"{name}{suffix}" for suffix in (".json", ".md", ".png")[:3 if plot else 2]]
 
 
+def portable_path(value: str) -> str:
+    """An absolute path inside the checkout's parent folder (the checkout itself, the shared
+    data beside it) as the path relative to the checkout (``../shared/data/...``), which reads
+    the same on every machine; any other string unchanged."""
+    if not os.path.isabs(value):
+        return value
+    workplace = REPO.parent.resolve()
+    path = Path(os.path.normpath(value))
+    try:
+        path.resolve().relative_to(workplace)
+    except (ValueError, OSError):
+        return value
+    return os.path.relpath(path.resolve(), REPO.resolve())
+
+
+def portable(payload: Any) -> Any:
+    """``payload`` with every string that is such a path made :func:`portable_path`."""
+    if isinstance(payload, dict):
+        return {k: portable(v) for k, v in payload.items()}
+    if isinstance(payload, (list, tuple)):
+        return [portable(v) for v in payload]
+    return portable_path(payload) if isinstance(payload, str) else payload
+
+
+def _path_strings(payload: Any) -> set[str]:
+    if isinstance(payload, dict):
+        return set().union(*map(_path_strings, payload.values()), set())
+    if isinstance(payload, (list, tuple)):
+        return set().union(*map(_path_strings, payload), set())
+    return {payload} if isinstance(payload, str) and portable_path(payload) != payload else set()
+
+
 def write_results(name: str, output_dir: str | None, payload: dict[str, Any],
                   table: str) -> Path:
-    """Writes ``<name>.json`` and ``<name>.md`` (atomically) and prints the table."""
+    """Writes ``<name>.json`` and ``<name>.md`` (atomically) and prints the table. Paths into
+    the checkout or the shared data beside it are written relative to the checkout
+    (:func:`portable`), so a committed result holds no machine's folder names."""
     out = Path(output_dir) if output_dir else RESULTS_DIR
     check_writable(*result_paths(name, output_dir))
     out.mkdir(parents=True, exist_ok=True)
+    for path in sorted(_path_strings(payload), key=len, reverse=True):
+        table = table.replace(path, portable_path(path))
+    payload = portable(payload)
     env = payload.get("environment", {})
     gpus = ", " + ", ".join(env["gpus"]) if env.get("gpus") else ""
     header = (f"`{name}` on {env.get('device', '?')} ({env.get('cpu', '?')}, "

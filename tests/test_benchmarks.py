@@ -205,3 +205,18 @@ def test_accelerator_strategies_are_the_jobs():
     from pneumo_models.config import STRATEGIES
     assert set(accelerator.STRATEGIES) <= set(STRATEGIES)
     assert accelerator.FLAGS["strategy"].default in accelerator.STRATEGIES
+
+
+def test_results_record_paths_beside_the_checkout_relative_to_it(tmp_path):
+    from benchmarks import common
+    shared = common.REPO.parent / "shared" / "data" / "chest_xray_fullres"
+    outside = "/nonexistent-root/data"
+    payload = {"source_dir": str(shared), "rows": [{"data_dir": str(common.REPO / "x")}],
+               "other": outside, "name": "bn_cnn", "n": 3}
+    table = f"| {shared} | {outside} |"
+    common.write_results("r", str(tmp_path), payload, table)
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written == {"source_dir": "../shared/data/chest_xray_fullres",
+                       "rows": [{"data_dir": "x"}], "other": outside, "name": "bn_cnn", "n": 3}
+    assert "| ../shared/data/chest_xray_fullres | /nonexistent-root/data |" in (
+        tmp_path / "r.md").read_text()
