@@ -28,7 +28,20 @@ SHARED_DATA = Path(os.environ.get("PNEUMO_SHARED_DATA",
                                   Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
+# The longest files first (seconds on 2 cores): CI runs the suite on two workers, one file at
+# a time each (.ci/run), and a long file started last would leave one worker idle at the end.
+LONGEST_FIRST = ("test_benchmarks.py", "test_train.py", "test_train_distributed.py",
+                 "test_train_resume.py", "test_service.py", "test_train_resident.py",
+                 "test_model_identity.py", "test_prepare.py", "test_models.py")
+
+
+def _file_rank(item) -> int:
+    name = Path(str(item.fspath)).name
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_file_rank)  # stable: each file's tests keep their order
     for item in items:
         if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())) \
                 or item.get_closest_marker("beam"):  # Beam starts worker processes

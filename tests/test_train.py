@@ -10,7 +10,7 @@ from pneumo_data.common.errors import UserError
 from pneumo_data.manifest import ManifestError
 from pneumo_models.train import TrainConfig, TrainError, train
 from tests.helpers import run_module
-from tests.train_runs import epochs_in, small, train_killed
+from tests.train_runs import KILL_WHILE_EXPORTING, epochs_in, small, train_killed
 
 
 @pytest.mark.slow
@@ -336,11 +336,7 @@ def test_ema_ships_exports_and_evaluates_the_averaged_weights(prepared, tmp_path
     too when resumed."""
     out = tmp_path / "ema"
     config = small(prepared, out, epochs=2, ema_momentum=0.5)
-    train_killed(config, (
-        "import pneumo_models.training as e\n"
-        "def killer(*args, **kwargs):\n"
-        "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "e.export_into_model_dir = killer\n"))
+    train_killed(config, KILL_WHILE_EXPORTING)
     assert json.loads((out / "resume" / "state.json").read_text())["finished"]
     run = train(config)  # resumes: no epoch left, the loaded average is shipped
     assert epochs_in(out / "history.csv") == [0, 1]

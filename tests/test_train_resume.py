@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from pneumo_models.train import TrainError, train
-from tests.train_runs import KILL_AFTER_SECOND_EPOCH, epochs_in, small, train_killed
+from tests.train_runs import (
+    KILL_AFTER_SECOND_EPOCH,
+    KILL_WHILE_EXPORTING,
+    epochs_in,
+    small,
+    train_killed,
+)
 
 
 @pytest.mark.slow
@@ -70,11 +76,7 @@ def test_a_phase_that_stopped_early_is_not_trained_again_after_a_kill(prepared, 
         "import keras\n"
         "def stop(self, epoch, logs=None):\n"
         "    self.model.stop_training = True\n"
-        "keras.callbacks.EarlyStopping.on_epoch_end = stop\n"
-        "import pneumo_models.training as e\n"
-        "def killer(*args, **kwargs):\n"
-        "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "e.export_into_model_dir = killer\n"))
+        "keras.callbacks.EarlyStopping.on_epoch_end = stop\n" + KILL_WHILE_EXPORTING))
     state = json.loads((out / "resume" / "state.json").read_text())
     assert state["finished"] and state["epoch"] == 0
     assert sorted(p.name for p in (out / "resume").glob("*.weights.h5")) == \

@@ -45,3 +45,11 @@ KILL_AFTER_SECOND_EPOCH = (
     "    if epoch == 1:\n"
     "        os.kill(os.getpid(), signal.SIGKILL)\n"
     "cb.Resume.on_epoch_end = killer\n")
+
+
+# The job killed when it starts to write its final model (after the last epoch).
+KILL_WHILE_EXPORTING = (
+    "import pneumo_models.training as e\n"
+    "def killer(*args, **kwargs):\n"
+    "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    "e.export_into_model_dir = killer\n")
