@@ -45,7 +45,7 @@ RECIPE_LEAVES = frozenset({
     *(f.name for f in dataclasses.fields(AugmentConfig)),
     "optimizer", "learning_rate", "weight_decay", "warmup_epochs", "schedule", "lr_floor",
     "label_smoothing",
-    "epochs", "early_stopping_patience", "ship", "time_budget_minutes",
+    "epochs", "early_stopping_patience", "ship", "bn_stats_images", "time_budget_minutes",
 })
 
 # The default recipe for networks other than bn_cnn (the research found the stronger zoom and
@@ -63,7 +63,8 @@ SEED = {
     **dataclasses.asdict(AugmentConfig.seed_recipe()),
     "optimizer": "adam", "learning_rate": 1e-3, "weight_decay": 0.0, "warmup_epochs": 0.0,
     "schedule": "constant", "lr_floor": 0.01, "label_smoothing": 0.0,
-    "epochs": 10, "early_stopping_patience": 3, "ship": "best", "time_budget_minutes": 0.0,
+    "epochs": 10, "early_stopping_patience": 3, "ship": "best", "bn_stats_images": 0,
+    "time_budget_minutes": 0.0,
 }
 assert set(SEED) == RECIPE_LEAVES
 

@@ -159,6 +159,13 @@ class TrainConfig:
                 "has ended; val AUC saturates near 1 on a split from the training batch, so "
                 "choosing on it picks noise) or best (the best val AUC, best.keras).",
         choices=SHIP_CHOICES)
+    bn_stats_images: int = option(
+        1024, "Before the model is shipped, its batch-norm layers' moving mean and variance "
+              "are recomputed as their average over this many training images (the stream's "
+              "class mix and augmentation), for the shipped weights: after a short run, with "
+              "--ema_momentum or with --ship=best the moving averages are not those weights' "
+              "statistics (0: keep the moving averages; networks without batch norm, or with "
+              "it frozen, are unchanged).")
     time_budget_minutes: float = option(
         13.0, "Training time budget: after the first and second epochs the job plans as "
               "many epochs as fit (at most --epochs) and the schedule ends on the last of "
@@ -208,6 +215,8 @@ class TrainConfig:
             n.validate()
         except UserError as error:
             raise TrainError(str(error)) from None
+        if self.bn_stats_images < 0:
+            raise TrainError(f"--bn_stats_images must be >= 0, got {self.bn_stats_images}")
         if not (self.time_budget_minutes >= 0 and math.isfinite(self.time_budget_minutes)):
             raise TrainError(f"--time_budget_minutes must be >= 0, got "
                              f"{self.time_budget_minutes}")

@@ -7,7 +7,8 @@
     inputs    the training stream and the validation set (pneumo_data.read), per replica
     model     built from the config, or rebuilt and loaded from the resume state
     loop      the time budget, callbacks and phases (a second phase fine-tunes a backbone)
-    export    model.keras, the serving SavedModel, the final val metrics, run.json
+    export    the batch-norm statistics recomputed for the shipped weights, model.keras,
+              the serving SavedModel, the final val metrics, run.json
 
 With ``--ema_momentum`` the optimizer keeps a moving average of the trainable weights and the
 loop writes it into the model at the end of each phase (:meth:`TrainingLoop.finalize`, the
@@ -34,8 +35,9 @@ from pneumo_data.common.config import with_leaves
 from pneumo_data.common.files import file_sha256
 from pneumo_data.common.jobs import verbosity
 from pneumo_data.common.outputs import OutputDir
+from pneumo_data.config import AugmentConfig
+from pneumo_models import bn_stats, cluster, distribute, models, optim
 from pneumo_models import callbacks as cb
-from pneumo_models import cluster, distribute, models, optim
 from pneumo_models import probe as probe_lib
 from pneumo_models.config import FINE_TUNE_PREFIX, TrainError
 from pneumo_models.export_dir import export_into_model_dir
@@ -148,6 +150,7 @@ def run(config, run_dir: RunDir, out: OutputDir, m, counts: dict[str, int], stra
     with strategy.scope():
         final = models.load_model(run_dir.best_path) if config.ship == "best" and \
             run_dir.best_path.exists() else model
+    _recompute_bn_stats(config, final, m, counts, strategy)
     with out.replacing(run_dir.model_path.name) as tmp:
         final.save(tmp)
     export_into_model_dir(out, final, m.preprocess,
@@ -175,6 +178,25 @@ def run(config, run_dir: RunDir, out: OutputDir, m, counts: dict[str, int], stra
     log.info("done: val AUC %.4f, model in %s", record.val_metrics.get("auc", float("nan")),
              run_dir.path)
     return record.to_dict()
+
+
+def _recompute_bn_stats(config, model, m, counts: dict[str, int], strategy) -> None:
+    """``--bn_stats_images``: the shipped model's batch-norm statistics recomputed for its
+    weights (:mod:`pneumo_models.bn_stats`) from the training stream without augmentation,
+    read here the same way by every worker (same seed, no sharding), so every copy of the
+    model gets the same ones."""
+    if not config.bn_stats_images or not bn_stats.trainable_batch_norms(model):
+        return
+    stream = dataclasses.replace(config.pipeline, verify_checksums=False, residency="stream",
+                                 augmentation=AugmentConfig.off())
+    batches = reader.read(m.data_dir, stream, mode="train", seed=config.seed,
+                          deterministic=config.deterministic,
+                          class_weights=_stream_weights(config, counts))
+    with strategy.scope():
+        used = bn_stats.recompute(model, batches, config.bn_stats_images,
+                                  config.pipeline.batch_size)
+    log.info("batch-norm statistics recomputed for the shipped weights over %d training "
+             "images", used)
 
 
 # ---------------------------------------------------------------- numerics and inputs

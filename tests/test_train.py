@@ -228,12 +228,18 @@ def test_ship_last_or_best(prepared, tmp_path):
     for ship in ("last", "best"):
         out = tmp_path / ship
         run = train(small(prepared, out, epochs=3, ship=ship))
-        final = load_model(out / "model.keras").get_weights()
-        best = load_model(out / "best.keras").get_weights()
+        shipped, kept = load_model(out / "model.keras"), load_model(out / "best.keras")
+        final = [w.numpy() for w in shipped.trainable_weights]
+        best = [w.numpy() for w in kept.trainable_weights]
         same_as_best = all(np.array_equal(a, b) for a, b in zip(final, best))
         aucs = [row["val_auc"] for row in run["history"]]
         if ship == "best":
             assert same_as_best
+            # ... with the batch-norm statistics recomputed for them (--bn_stats_images)
+            moving = [(a.numpy(), b.numpy()) for a, b in
+                      zip(shipped.non_trainable_weights, kept.non_trainable_weights)
+                      if "moving" in a.path]
+            assert moving and not any(np.allclose(a, b) for a, b in moving)
         elif int(np.argmax(aucs)) != len(aucs) - 1:  # the last epoch was not the best
             assert not same_as_best
         assert run["ship"] == ship

@@ -14,7 +14,8 @@ from tests.helpers import run_code
 
 def small(prepared, model_dir, **kw):
     base = dict(data_dir=str(prepared), model_dir=str(model_dir), image_size=32, batch_size=8,
-                epochs=2, steps_per_epoch=3, precision="float32", early_stopping_patience=0)
+                epochs=2, steps_per_epoch=3, precision="float32", early_stopping_patience=0,
+                bn_stats_images=16)
     base.update(kw)
     return with_leaves(TrainConfig(), **base)
 
