@@ -56,6 +56,8 @@ from pneumo_models.rundir import (
 
 log = logging.getLogger("pneumo.train")
 
+BN_STATS_BATCH = 128  # images per call of the batch-norm statistics pass (at least)
+
 
 @dataclasses.dataclass(frozen=True)
 class Numerics:
@@ -187,14 +189,16 @@ def _recompute_bn_stats(config, model, m, counts: dict[str, int], strategy) -> N
     model gets the same ones."""
     if not config.bn_stats_images or not bn_stats.trainable_batch_norms(model):
         return
+    # Batches of at least 128: each is one eager call of the model, whose overhead dominates
+    # at small sizes (the statistics are averaged over the batches either way).
+    batch_size = max(config.pipeline.batch_size, BN_STATS_BATCH)
     stream = dataclasses.replace(config.pipeline, verify_checksums=False, residency="stream",
-                                 augmentation=AugmentConfig.off())
+                                 augmentation=AugmentConfig.off(), batch_size=batch_size)
     batches = reader.read(m.data_dir, stream, mode="train", seed=config.seed,
                           deterministic=config.deterministic,
                           class_weights=_stream_weights(config, counts))
     with strategy.scope():
-        used = bn_stats.recompute(model, batches, config.bn_stats_images,
-                                  config.pipeline.batch_size)
+        used = bn_stats.recompute(model, batches, config.bn_stats_images, batch_size)
     log.info("batch-norm statistics recomputed for the shipped weights over %d training "
              "images", used)
 

@@ -113,7 +113,7 @@ def cli(*args, timeout=600):
 
 
 SMALL_FLAGS = ("--image_size=32", "--batch_size=8", "--epochs=1", "--steps_per_epoch=2",
-               "--precision=float32", "--early_stopping_patience=0")
+               "--precision=float32", "--early_stopping_patience=0", "--bn_stats_images=128")
 
 
 @pytest.mark.slow
