@@ -246,16 +246,18 @@ def result_paths(name: str, output_dir: str | None, plot: bool = False) -> list[
 
 
 def portable_path(value: str) -> str:
-    """An absolute path inside the checkout's parent folder (the checkout itself, the shared
-    data beside it) as the path relative to the checkout (``../shared/data/...``), which reads
-    the same on every machine; any other string unchanged."""
+    """An absolute path inside the checkout or the workplace's ``shared/`` folder beside it, as
+    the path relative to the checkout (``../shared/data/...``), which reads the same on every
+    machine; any other string unchanged."""
     if not os.path.isabs(value):
         return value
-    workplace = REPO.parent.resolve()
     path = Path(os.path.normpath(value))
+    roots = (REPO.resolve(), (REPO.parent / "shared").resolve())
     try:
-        path.resolve().relative_to(workplace)
-    except (ValueError, OSError):
+        resolved = path.resolve()
+    except OSError:
+        return value
+    if not any(resolved == root or root in resolved.parents for root in roots):
         return value
     return os.path.relpath(path.resolve(), REPO.resolve())
 

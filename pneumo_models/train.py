@@ -162,7 +162,8 @@ class TrainConfig:
     bn_stats_images: int = option(
         1024, "Before the model is shipped, its batch-norm layers' moving mean and variance "
               "are recomputed as their average over this many training images (the stream's "
-              "class mix and augmentation), for the shipped weights: after a short run, with "
+              "class mix, no augmentation, dropout off), for the shipped weights: after a "
+              "short run, with "
               "--ema_momentum or with --ship=best the moving averages are not those weights' "
               "statistics (0: keep the moving averages; networks without batch norm, or with "
               "it frozen, are unchanged).")

@@ -194,9 +194,9 @@ def _recompute_bn_stats(config, model, m, counts: dict[str, int], strategy) -> N
     batch_size = max(config.pipeline.batch_size, BN_STATS_BATCH)
     stream = dataclasses.replace(config.pipeline, verify_checksums=False, residency="stream",
                                  augmentation=AugmentConfig.off(), batch_size=batch_size)
+    # deterministic: every worker of a cluster must compute the same statistics
     batches = reader.read(m.data_dir, stream, mode="train", seed=config.seed,
-                          deterministic=config.deterministic,
-                          class_weights=_stream_weights(config, counts))
+                          deterministic=True, class_weights=_stream_weights(config, counts))
     with strategy.scope():
         used = bn_stats.recompute(model, batches, config.bn_stats_images, batch_size)
     log.info("batch-norm statistics recomputed for the shipped weights over %d training "
