@@ -259,7 +259,7 @@ def portable_path(value: str) -> str:
         return value
     if not any(resolved == root or root in resolved.parents for root in roots):
         return value
-    return os.path.relpath(path.resolve(), REPO.resolve())
+    return os.path.relpath(resolved, roots[0])
 
 
 def portable(payload: Any) -> Any:
